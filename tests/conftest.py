@@ -1,0 +1,110 @@
+"""
+Fixtures shared by every twistnet test.
+
+pytest-twisted runs the global reactor but offers no fixture for it and does not check that a
+test cleaned up, so both are here: C{reactor}, C{listen} (a real port on 127.0.0.1 chosen by
+the OS, stopped with its connections at teardown), C{twistd} (a service as a child process)
+and an autouse check that no reader, writer or delayed call outlives its test.
+"""
+
+from __future__ import annotations
+
+import pytest
+import pytest_twisted
+from twisted.internet import defer, endpoints, task
+from twisted.internet import reactor as global_reactor
+
+from helpers import TwistdProcess
+
+#: How long teardown waits for connections and timers to wind down before calling it a leak.
+SETTLE_SECONDS = 5.0
+
+
+@pytest.fixture
+def reactor():
+    """The running global reactor, for tests that need real sockets."""
+    return global_reactor
+
+
+def _reactor_state(reactor) -> tuple[set, set, set]:
+    return (
+        set(reactor.getReaders()),
+        set(reactor.getWriters()),
+        {call for call in reactor.getDelayedCalls() if call.active()},
+    )
+
+
+async def _settle(reactor, baseline) -> tuple[set, set, set]:
+    """Let the reactor run until it is back to C{baseline} or the time is up."""
+    deadline = reactor.seconds() + SETTLE_SECONDS
+    while True:
+        readers, writers, calls = _reactor_state(reactor)
+        leaks = (readers - baseline[0], writers - baseline[1], calls - baseline[2])
+        if not any(leaks) or reactor.seconds() > deadline:
+            return leaks
+        await task.deferLater(reactor, 0.01, lambda: None)
+
+
+@pytest.fixture(autouse=True)
+def no_reactor_leaks():
+    """Fail a test that leaves readers, writers or delayed calls on the reactor."""
+    # One reactor turn first, so the reactor's own wakers are part of the baseline.
+    pytest_twisted.blockon(task.deferLater(global_reactor, 0, lambda: None))
+    baseline = _reactor_state(global_reactor)
+    yield
+    leaks = pytest_twisted.blockon(defer.ensureDeferred(_settle(global_reactor, baseline)))
+    readers, writers, calls = leaks
+    assert not readers and not writers and not calls, (
+        f"test leaked reactor state: readers={readers} writers={writers} delayed calls={calls}"
+    )
+
+
+@pytest.fixture
+def listen(reactor):
+    """
+    C{await listen(factory)} listens on 127.0.0.1 on a free port and returns the port;
+    teardown stops listening and closes the connections the factory accepted.
+    """
+    ports = []
+    factories = []
+
+    async def start(factory, interface: str = "127.0.0.1"):
+        endpoint = endpoints.serverFromString(reactor, f"tcp:0:interface={interface}")
+        port = await endpoint.listen(factory)
+        ports.append(port)
+        factories.append(factory)
+        return port
+
+    yield start
+
+    async def stop():
+        for port in ports:
+            await port.stopListening()
+        for factory in factories:
+            registry = getattr(factory, "registry", None)
+            if registry is not None:
+                await registry.close_all(grace=1.0)
+
+    pytest_twisted.blockon(defer.ensureDeferred(stop()))
+
+
+@pytest.fixture
+def twistd(tmp_path):
+    """
+    C{twistd("twistnet-echo", "--listen", ...)} starts a service as a child process in a
+    temporary directory; teardown stops any still running (SIGTERM, then SIGKILL).
+    """
+    started: list[TwistdProcess] = []
+
+    def start(plugin: str, *args: str, cwd=None, env=None) -> TwistdProcess:
+        process = TwistdProcess(plugin, *args, cwd=cwd or tmp_path, env=env)
+        started.append(process)
+        return process
+
+    yield start
+    for process in started:
+        if process.proc.poll() is None:
+            try:
+                process.terminate(timeout=10)
+            except AssertionError:
+                pass

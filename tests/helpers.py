@@ -1,0 +1,185 @@
+"""Helpers for tests that talk to twistnet the way users do: child processes and raw sockets."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+TWISTD = str(Path(sys.executable).parent / "twistd")
+
+#: Upper bound for anything a test waits for; generous so a loaded CI machine does not flake.
+WAIT_SECONDS = 20.0
+
+_LISTENING = re.compile(r"(?P<service>twistnet-\w+) listening on (?P<host>[^\s]+):(?P<port>\d+)")
+
+
+def wait_until(predicate: Callable[[], object], timeout: float = WAIT_SECONDS, interval=0.01):
+    """Poll C{predicate} until it returns something true, for at most C{timeout} seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = predicate()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {predicate!r}")
+        time.sleep(interval)
+
+
+class TwistdProcess:
+    """C{twistd -n PLUGIN ARGS} as a child process, its log collected line by line."""
+
+    def __init__(self, plugin: str, *args: str, cwd: str | os.PathLike | None = None, env=None):
+        self.argv = [TWISTD, "-n", "--pidfile=", plugin, *args]
+        self.lines: list[str] = []
+        self._changed = threading.Condition()
+        self.proc = subprocess.Popen(
+            self.argv,
+            cwd=cwd,
+            env={**os.environ, **(env or {})},
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            errors="replace",
+        )
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            with self._changed:
+                self.lines.append(line.rstrip("\n"))
+                self._changed.notify_all()
+        with self._changed:
+            self._changed.notify_all()
+
+    @property
+    def output(self) -> str:
+        with self._changed:
+            return "\n".join(self.lines)
+
+    def wait_for_line(self, pattern: str, timeout: float = WAIT_SECONDS) -> re.Match:
+        """The first log line matching C{pattern}; fails if the process exits or time runs out."""
+        regex = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        seen = 0
+        with self._changed:
+            while True:
+                for line in self.lines[seen:]:
+                    match = regex.search(line)
+                    if match:
+                        return match
+                seen = len(self.lines)
+                if not self._reader.is_alive():
+                    raise AssertionError(
+                        f"twistd exited ({self.proc.poll()}) before logging {pattern!r}:\n"
+                        + self.output_unlocked()
+                    )
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise AssertionError(
+                        f"no log line matching {pattern!r} in {timeout}s:\n"
+                        + self.output_unlocked()
+                    )
+                self._changed.wait(remaining)
+
+    def output_unlocked(self) -> str:
+        return "\n".join(self.lines)
+
+    def port(self, kind: str = "tcp") -> int:
+        """The port the service announced for C{kind} ('tcp' or 'udp')."""
+        if kind == "udp":
+            match = self.wait_for_line(r"listening on [^\s]+:(?P<port>\d+) \(udp\)")
+        else:
+            match = self.wait_for_line(r"listening on [^\s]+:(?P<port>\d+) \((tcp|ssl)")
+        return int(match.group("port"))
+
+    def rss_kib(self) -> int:
+        """Resident memory of the server process, in KiB."""
+        status = Path(f"/proc/{self.proc.pid}/status").read_text()
+        return int(re.search(r"VmRSS:\s+(\d+)", status).group(1))
+
+    def terminate(self, timeout: float = WAIT_SECONDS) -> int:
+        """SIGTERM, then wait for the exit code (SIGKILL and fail if it hangs)."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise AssertionError(f"twistd did not exit within {timeout}s of SIGTERM") from None
+        finally:
+            self._reader.join(5)
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+        self._reader.join(5)
+
+
+def run_twistd(plugin: str, *args: str, timeout: float = WAIT_SECONDS, cwd=None):
+    """Run twistd to completion (for options that must make it exit)."""
+    return subprocess.run(
+        [TWISTD, "-n", "--pidfile=", plugin, *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=cwd,
+        stdin=subprocess.DEVNULL,
+    )
+
+
+def connect(port: int, host: str = "127.0.0.1", timeout: float = WAIT_SECONDS) -> socket.socket:
+    sock = socket.create_connection((host, port), timeout=timeout)
+    return sock
+
+
+def recv_until(sock: socket.socket, predicate: Callable[[bytes], bool], timeout=WAIT_SECONDS):
+    """Read from C{sock} until C{predicate(received)} holds; returns all bytes received."""
+    received = bytearray()
+    deadline = time.monotonic() + timeout
+    while not predicate(bytes(received)):
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise AssertionError(f"timed out; received so far: {bytes(received[-500:])!r}")
+        sock.settimeout(remaining)
+        chunk = sock.recv(65536)
+        if not chunk:
+            if predicate(bytes(received)):
+                break
+            raise AssertionError(f"connection closed; received: {bytes(received[-500:])!r}")
+        received += chunk
+    return bytes(received)
+
+
+def recv_exactly(sock: socket.socket, count: int, timeout=WAIT_SECONDS) -> bytes:
+    return recv_until(sock, lambda data: len(data) >= count, timeout)
+
+
+def recv_until_closed(sock: socket.socket, timeout=WAIT_SECONDS) -> bytes:
+    """Everything the server sends until it closes the connection."""
+    received = bytearray()
+    deadline = time.monotonic() + timeout
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise AssertionError(f"server did not close; received: {bytes(received[-500:])!r}")
+        sock.settimeout(remaining)
+        try:
+            chunk = sock.recv(65536)
+        except ConnectionResetError:
+            return bytes(received)
+        if not chunk:
+            return bytes(received)
+        received += chunk

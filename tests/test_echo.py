@@ -1,0 +1,322 @@
+"""The echo service: unit tests in memory, integration on real ports, end-to-end via twistd."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+
+import pytest
+import pytest_twisted
+from twisted.internet import defer, protocol, task
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.python import usage
+
+from helpers import connect, recv_exactly, recv_until_closed, run_twistd, wait_until
+from twistnet import echo
+
+
+def make_echo(max_connections=0, idle_timeout=0.0, clock=None):
+    clock = clock or task.Clock()
+    factory = echo.EchoFactory(max_connections, idle_timeout, clock)
+    return factory, clock
+
+
+def connected(factory) -> tuple[protocol.Protocol, StringTransport]:
+    proto = factory.buildProtocol(None)
+    transport = StringTransport()
+    proto.makeConnection(transport)
+    return proto, transport
+
+
+# --- unit -----------------------------------------------------------------------------------
+
+
+def test_bytes_come_back_unchanged():
+    factory, _ = make_echo()
+    proto, transport = connected(factory)
+    proto.dataReceived(b"\x00\xffhello\r\n")
+    proto.dataReceived(b"world")
+    assert transport.value() == b"\x00\xffhello\r\nworld"
+
+
+def test_transport_is_its_own_streaming_producer_for_backpressure():
+    factory, _ = make_echo()
+    _, transport = connected(factory)
+    assert transport.producer is transport
+    assert transport.streaming is True
+
+
+def test_connection_over_the_cap_is_told_and_closed():
+    factory, _ = make_echo(max_connections=2)
+    first, _ = connected(factory)
+    _second, _ = connected(factory)
+    third, transport = connected(factory)
+    assert transport.value() == echo.Echo.full_message
+    assert transport.disconnecting
+    third.dataReceived(b"ignored?")
+    assert len(factory.registry) == 2
+    first.connectionLost(None)
+    _fourth, transport = connected(factory)
+    assert not transport.disconnecting
+    assert len(factory.registry) == 2
+
+
+def test_idle_connection_is_closed_after_timeout_but_input_keeps_it_open():
+    factory, clock = make_echo(idle_timeout=10)
+    proto, transport = connected(factory)
+    clock.advance(6)
+    proto.dataReceived(b"x")
+    clock.advance(6)
+    assert not transport.disconnecting
+    clock.advance(4.5)
+    assert transport.disconnecting
+    assert transport.value().endswith(echo.Echo.idle_message)
+    proto.connectionLost(None)
+    assert clock.getDelayedCalls() == []
+
+
+def test_idle_timeout_zero_schedules_nothing():
+    factory, clock = make_echo(idle_timeout=0)
+    connected(factory)
+    assert clock.getDelayedCalls() == []
+
+
+def test_udp_echoes_but_never_answers_loop_guard_ports():
+    proto = echo.EchoDatagram()
+    sent = []
+
+    class Transport:
+        def write(self, data, addr):
+            sent.append((data, addr))
+
+        def getHost(self):
+            return type("Addr", (), {"host": "127.0.0.1", "port": 7007})()
+
+    proto.makeConnection(Transport())
+    proto.datagramReceived(b"ping", ("127.0.0.1", 40000))
+    for port in (7, 19, 0, 7007):
+        proto.datagramReceived(b"loop?", ("127.0.0.1", port))
+    assert sent == [(b"ping", ("127.0.0.1", 40000))]
+    assert proto.dropped == 4
+
+
+# --- options and makeService ----------------------------------------------------------------
+
+
+def parse(*argv):
+    options = echo.Options()
+    options.parseOptions(list(argv))
+    return options
+
+
+def test_options_defaults():
+    options = parse()
+    assert options.endpoint_descriptions() == [f"tcp:{echo.DEFAULT_PORT}"]
+    assert options["max-connections"] == 1000
+    assert options["idle-timeout"] == 0.0
+    assert options["udp-port"] is None
+
+
+def test_port_is_shorthand_for_tcp_endpoint_and_listen_overrides_it():
+    assert parse("--port", "12345").endpoint_descriptions() == ["tcp:12345"]
+    options = parse("--port", "1", "--listen", "tcp:0:interface=127.0.0.1", "--listen", "unix:/x")
+    assert options.endpoint_descriptions() == ["tcp:0:interface=127.0.0.1", "unix:/x"]
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--port", "abc"],
+        ["--port", "70000"],
+        ["--max-connections", "-1"],
+        ["--idle-timeout", "soon"],
+        ["--listen", "tcp:notaport"],
+        ["--listen", "nosuchkind:1"],
+        ["--bogus"],
+    ],
+)
+def test_bad_options_are_usage_errors(argv):
+    with pytest.raises(usage.UsageError):
+        parse(*argv)
+
+
+class MemoryReactorWithUDP(MemoryReactorClock):
+    """MemoryReactorClock has no listenUDP; record UDP listeners the same way."""
+
+    def __init__(self):
+        super().__init__()
+        self.udpServers = []
+
+    def listenUDP(self, port, protocol, interface="", maxPacketSize=8192):
+        self.udpServers.append((port, protocol, interface))
+        return _StoppablePort()
+
+
+class _StoppablePort:
+    def stopListening(self):
+        return defer.succeed(None)
+
+
+def test_make_service_listens_on_every_endpoint_and_udp():
+    reactor = MemoryReactorWithUDP()
+    options = parse("--listen", "tcp:7100", "--listen", "tcp:7101:interface=127.0.0.1")
+    options["udp-port"] = 7102
+    service = echo.makeService(options, reactor=reactor)
+    service.privilegedStartService()
+    service.startService()
+    assert [(port, interface) for port, _, _, interface in reactor.tcpServers] == [
+        (7100, ""),
+        (7101, "127.0.0.1"),
+    ]
+    assert [(port, interface) for port, _, interface in reactor.udpServers] == [(7102, "")]
+    stopped = defer.maybeDeferred(service.stopService)
+    assert stopped.called
+
+
+# --- integration: real ports ----------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_echo_over_real_tcp(listen, reactor):
+    factory = echo.EchoFactory(clock=reactor)
+    port = await listen(factory)
+    received = defer.Deferred()
+
+    class Client(protocol.Protocol):
+        buffer = b""
+
+        def connectionMade(self):
+            self.transport.write(b"x" * 100_000)
+
+        def dataReceived(self, data):
+            self.buffer += data
+            if len(self.buffer) >= 100_000:
+                self.transport.loseConnection()
+
+        def connectionLost(self, reason):
+            received.callback(self.buffer)
+
+    endpoint = endpoints_client(reactor, port.getHost().port)
+    await endpoint.connect(protocol.Factory.forProtocol(Client))
+    assert await received == b"x" * 100_000
+
+
+def endpoints_client(reactor, port):
+    from twisted.internet import endpoints
+
+    return endpoints.TCP4ClientEndpoint(reactor, "127.0.0.1", port)
+
+
+# --- end to end: twistd as a child process --------------------------------------------------
+
+
+@pytest.fixture
+def echo_server(twistd):
+    server = twistd(
+        "twistnet-echo",
+        "--listen",
+        "tcp:0:interface=127.0.0.1",
+        "--udp-port",
+        "0",
+        "--udp-interface",
+        "127.0.0.1",
+    )
+    server.tcp_port = server.port("tcp")
+    server.udp_port = server.port("udp")
+    return server
+
+
+def test_twistd_echoes_300kb_byte_exact(echo_server):
+    payload = bytes(range(256)) * 1200  # 307,200 bytes, every byte value
+    with connect(echo_server.tcp_port) as sock:
+        sender = threading.Thread(target=sock.sendall, args=(payload,))
+        sender.start()
+        assert recv_exactly(sock, len(payload)) == payload
+        sender.join()
+
+
+def test_twistd_echoes_a_udp_datagram(echo_server):
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.settimeout(10)
+        sock.sendto(b"ping over udp", ("127.0.0.1", echo_server.udp_port))
+        data, addr = sock.recvfrom(2048)
+    assert data == b"ping over udp"
+    assert addr == ("127.0.0.1", echo_server.udp_port)
+
+
+def test_non_reading_client_is_paused_while_others_are_served(echo_server):
+    """A client pushing 200 MB without reading must not grow the server; others get answers."""
+    rss_before = echo_server.rss_kib()
+    chunk = b"z" * 65536
+    pushed = 0
+    with connect(echo_server.tcp_port) as hog:
+        hog.setblocking(False)
+        deadline = time.monotonic() + 10
+        stalled_since = None
+        # Push until the server stops reading (kernel buffers full) or 200 MB went through.
+        while pushed < 200 * 2**20 and time.monotonic() < deadline:
+            try:
+                pushed += hog.send(chunk)
+                stalled_since = None
+            except BlockingIOError:
+                stalled_since = stalled_since or time.monotonic()
+                if time.monotonic() - stalled_since > 1.0:
+                    break
+                time.sleep(0.01)
+        with connect(echo_server.tcp_port) as honest:
+            honest.sendall(b"still there?\n")
+            assert recv_exactly(honest, 13) == b"still there?\n"
+        growth_mib = (echo_server.rss_kib() - rss_before) / 1024
+    assert pushed > 1 * 2**20, "the hog should have pushed at least the socket buffers"
+    assert growth_mib < 16, f"server grew by {growth_mib:.1f} MiB for a non-reading client"
+    assert echo_server.terminate() == 0
+
+
+def test_max_connections_refuses_politely_end_to_end(twistd):
+    server = twistd(
+        "twistnet-echo", "--listen", "tcp:0:interface=127.0.0.1", "--max-connections", "1"
+    )
+    port = server.port()
+    with connect(port) as first:
+        first.sendall(b"a")
+        assert recv_exactly(first, 1) == b"a"
+        with connect(port) as second:
+            assert recv_until_closed(second) == echo.Echo.full_message
+    server.wait_for_line("refused 127.0.0.1:\\d+: at --max-connections 1")
+
+
+def test_sigterm_closes_connections_and_exits_zero(twistd):
+    server = twistd("twistnet-echo", "--listen", "tcp:0:interface=127.0.0.1")
+    with connect(server.port()) as client:
+        client.sendall(b"hi")
+        assert recv_exactly(client, 2) == b"hi"
+        assert server.terminate() == 0
+        assert recv_until_closed(client) == b""
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--port", "notaport"], "expected a port number, got 'notaport'"),
+        (["--bogus"], "option --bogus not recognized"),
+        (["--listen", "tcp:notaport"], "--listen 'tcp:notaport'"),
+    ],
+)
+def test_bad_option_exits_nonzero_without_traceback(argv, message):
+    result = run_twistd("twistnet-echo", *argv)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert message in output
+    assert "Traceback" not in output
+
+
+def test_port_in_use_exits_nonzero_with_one_clear_line(twistd):
+    first = twistd("twistnet-echo", "--listen", "tcp:0:interface=127.0.0.1")
+    port = first.port()
+    result = run_twistd("twistnet-echo", "--listen", f"tcp:{port}:interface=127.0.0.1")
+    output = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert f"twistnet-echo: cannot listen on 127.0.0.1:{port}" in output
+    assert "Traceback" not in output
+    wait_until(lambda: first.proc.poll() is None)

@@ -1,0 +1,255 @@
+"""
+The twistd face every twistnet service shares: common options and listening services.
+
+``--port N`` is shorthand for the endpoint ``tcp:N``; ``--listen`` takes any Twisted server
+endpoint description and may be repeated (it overrides ``--port``), so TLS (``ssl:``), UNIX
+sockets and systemd socket activation come for free.
+"""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import Callable, Iterable
+
+from twisted.application import strports
+from twisted.application.service import MultiService
+from twisted.internet import defer, endpoints
+from twisted.internet.error import CannotListenError
+from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IStreamServerEndpoint
+from twisted.logger import Logger
+from twisted.python import usage
+from zope.interface import implementer
+
+log = Logger()
+
+#: The default cap on concurrent connections: far above any honest use of a small service,
+#: far below the file-descriptor limits that would take the whole process down.
+DEFAULT_MAX_CONNECTIONS = 1000
+
+
+def port_number(value: str) -> int:
+    """Coerce a TCP/UDP port number (0 asks the OS for a free one)."""
+    try:
+        port = int(value)
+    except ValueError:
+        raise ValueError(f"expected a port number, got {value!r}") from None
+    if not 0 <= port <= 65535:
+        raise ValueError(f"port {port} is outside 0-65535")
+    return port
+
+
+port_number.coerceDoc = "A port number, 0-65535."  # type: ignore[attr-defined]
+
+
+def non_negative_int(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise ValueError(f"expected a whole number, got {value!r}") from None
+    if number < 0:
+        raise ValueError(f"expected 0 or more, got {number}")
+    return number
+
+
+non_negative_int.coerceDoc = "A whole number, 0 or more."  # type: ignore[attr-defined]
+
+
+def positive_int(value: str) -> int:
+    number = non_negative_int(value)
+    if number == 0:
+        raise ValueError("expected 1 or more, got 0")
+    return number
+
+
+positive_int.coerceDoc = "A whole number, 1 or more."  # type: ignore[attr-defined]
+
+
+def non_negative_float(value: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        raise ValueError(f"expected a number of seconds, got {value!r}") from None
+    if not number >= 0 or number == float("inf"):
+        raise ValueError(f"expected a finite number, 0 or more, got {value!r}")
+    return number
+
+
+non_negative_float.coerceDoc = "A number, 0 or more."  # type: ignore[attr-defined]
+
+
+class _EndpointCheckReactor:
+    """Stands in for the reactor while a description is parsed but not yet listened on."""
+
+
+def check_endpoint(description: str) -> str:
+    """Parse a server endpoint description now, so a typo is a usage error, not a traceback."""
+    try:
+        endpoints.serverFromString(_EndpointCheckReactor(), description)
+    except Exception as error:
+        raise usage.UsageError(f"--listen {description!r}: {error}") from None
+    return description
+
+
+class ServiceOptions(usage.Options):
+    """
+    Options every twistnet service shares. Subclasses set L{default_port} and
+    L{default_interface} and extend C{optParameters}.
+    """
+
+    #: The port used when neither --port nor --listen is given.
+    default_port = 0
+    #: The interface the default and --port endpoints bind; "" means all interfaces.
+    default_interface = ""
+
+    optParameters: list = []
+
+    def __init__(self) -> None:
+        super().__init__()
+        self["listen"] = []
+
+    def opt_listen(self, description: str) -> None:
+        """Listen on a server endpoint description, e.g. tcp:7007:interface=127.0.0.1
+        or ssl:7443:privateKey=key.pem:certKey=cert.pem; repeatable, overrides --port."""
+        self["listen"].append(check_endpoint(description))
+
+    def opt_version(self) -> None:
+        """Display the twistnet and Twisted versions and exit."""
+        from twisted import __version__ as twisted_version
+        from twistnet import __version__
+
+        print(f"twistnet {__version__} (Twisted {twisted_version})")
+        raise SystemExit(0)
+
+    def endpoint_descriptions(self) -> list[str]:
+        """The descriptions to listen on: every --listen, else --port, else the default."""
+        if self["listen"]:
+            return list(self["listen"])
+        port = self["port"] if self["port"] is not None else self.default_port
+        description = f"tcp:{port}"
+        if self.default_interface:
+            description += f":interface={self.default_interface}"
+        return [description]
+
+
+def connection_options(default_max: int = DEFAULT_MAX_CONNECTIONS) -> list:
+    """The optParameters of a TCP service: --port, --max-connections and --idle-timeout."""
+    return [
+        [
+            "port",
+            "p",
+            None,
+            "TCP port to listen on (shorthand for --listen tcp:PORT).",
+            port_number,
+        ],
+        [
+            "max-connections",
+            None,
+            default_max,
+            "Most concurrent connections; the next one is told so and closed (0 = no cap).",
+            non_negative_int,
+        ],
+        [
+            "idle-timeout",
+            None,
+            0.0,
+            "Close a connection after this many seconds without input from it (0 = off).",
+            non_negative_float,
+        ],
+    ]
+
+
+class ServiceRoot(MultiService):
+    """
+    The top service of a twistnet service: a port that cannot be bound (in use, no
+    permission) ends twistd with one clear line and a non-zero exit instead of a traceback.
+    """
+
+    def __init__(self, name: str, reactor=None) -> None:
+        super().__init__()
+        self.service_name = name
+        self._reactor = reactor
+
+    def startService(self) -> None:
+        super().startService()
+        if self._reactor is None:
+            # Only under the real, global reactor (twistd), never a test's fake one.
+            from twisted.internet import reactor
+
+            reactor.callWhenRunning(_exit_zero_on_sigterm, reactor, self.service_name)
+
+    def privilegedStartService(self) -> None:
+        try:
+            super().privilegedStartService()
+        except CannotListenError as error:
+            where = f"{error.interface or 'all interfaces'}:{error.port}"
+            raise SystemExit(
+                f"{self.service_name}: cannot listen on {where}: {error.socketError}"
+            ) from None
+
+
+def _exit_zero_on_sigterm(reactor, name: str) -> None:
+    """
+    Make SIGTERM an orderly stop with exit status 0.
+
+    Twisted's own handler makes twistd re-raise the signal at exit, so a deliberate, clean
+    stop looks like a crash (status 143) to scripts and supervisors that check the status.
+    """
+
+    def on_sigterm(signum, frame) -> None:
+        log.info("{service} received SIGTERM, shutting down", service=name)
+        reactor.callFromThread(reactor.stop)
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+
+
+@implementer(IStreamServerEndpoint)
+class AnnouncingEndpoint:
+    """Wraps an endpoint to log, once listening, what listens where."""
+
+    def __init__(self, wrapped: IStreamServerEndpoint, name: str, description: str) -> None:
+        self._wrapped = wrapped
+        self._name = name
+        self._description = description
+
+    def listen(self, factory: IProtocolFactory) -> defer.Deferred[IListeningPort]:
+        def announce(port: IListeningPort) -> IListeningPort:
+            address = port.getHost()
+            host = getattr(address, "host", None)
+            where = f"{host}:{address.port}" if host is not None else str(address)
+            log.info(
+                "{service} listening on {where} ({description})",
+                service=self._name,
+                where=where,
+                description=self._description,
+            )
+            return port
+
+        return self._wrapped.listen(factory).addCallback(announce)
+
+
+def listening_services(
+    name: str,
+    descriptions: Iterable[str],
+    factory: IProtocolFactory,
+    reactor=None,
+    parent: MultiService | None = None,
+) -> MultiService:
+    """
+    A service listening with C{factory} on every description. Built with
+    C{strports.service}, which makes twistd exit when a port cannot be bound.
+    """
+    parent = parent if parent is not None else ServiceRoot(name, reactor)
+    for description in descriptions:
+        listener = strports.service(description, factory, reactor=reactor)
+        listener.endpoint = AnnouncingEndpoint(listener.endpoint, name, description)
+        listener.setServiceParent(parent)
+    return parent
+
+
+def not_yet_available(issue: str) -> Callable[[usage.Options], MultiService]:
+    """A makeService for a plugin whose service has not landed: refuses with a clear message."""
+
+    def make_service(options: usage.Options) -> MultiService:
+        raise SystemExit(f"twistnet: this service is not available yet ({issue}).")
+
+    return make_service

@@ -1,0 +1,131 @@
+"""
+The echo service, RFC 862: every byte received is sent back, over TCP and UDP.
+
+TCP echo applies backpressure: the transport is registered as its own streaming producer
+(as C{twisted/protocols/portforward.py} does), so a client that sends without reading stops
+being read once its replies back up, and server memory stays bounded by the transport's
+buffer instead of growing with everything the client pushes (Twisted's C{wire.Echo} grows
+without limit).
+"""
+
+from __future__ import annotations
+
+from twisted.application import internet
+from twisted.application.service import MultiService
+from twisted.internet import protocol
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.python import usage
+
+from twistnet._connections import ConnectionCloser, ConnectionRegistry, ManagedProtocol
+from twistnet._tap import (
+    ServiceOptions,
+    ServiceRoot,
+    connection_options,
+    listening_services,
+    port_number,
+)
+from twistnet._writes import write_now
+
+#: Not 7: binding below 1024 needs root, and a diagnostic should start as any user.
+DEFAULT_PORT = 7007
+
+#: Source ports of the simple services (echo, discard, systat, daytime, qotd, chargen, time)
+#: and port 0. A UDP echo answering them could be made to bounce forever with another such
+#: service by one spoofed datagram; inetd refuses them for the same reason.
+LOOP_GUARD_PORTS = frozenset({0, 7, 9, 11, 13, 17, 19, 37})
+
+
+class Echo(ManagedProtocol):
+    """Sends back every byte received."""
+
+    def connectionAdmitted(self) -> None:
+        self.transport.registerProducer(self.transport, True)
+
+    def dataReceived(self, data: bytes) -> None:
+        self.idle.touch()
+        write_now(self.transport, data)
+
+
+class EchoFactory(protocol.Factory):
+    protocol = Echo
+    log = Logger()
+
+    # The listening announcement says it better than "Starting factory".
+    noisy = False
+
+    def __init__(
+        self, max_connections: int = 0, idle_timeout: float = 0.0, clock: IReactorTime | None = None
+    ) -> None:
+        self.registry = ConnectionRegistry(max_connections, clock)
+        self.idle_timeout = idle_timeout
+
+
+class EchoDatagram(protocol.DatagramProtocol):
+    """Sends every datagram back to its sender, except to ports that could loop."""
+
+    log = Logger()
+    noisy = False
+
+    def __init__(self) -> None:
+        self.guarded = LOOP_GUARD_PORTS
+        self.dropped = 0
+
+    def startProtocol(self) -> None:
+        # Our own port too: two echo servers on the same port must not answer each other.
+        own = self.transport.getHost()
+        self.guarded = LOOP_GUARD_PORTS | {own.port}
+        self.log.info(
+            "twistnet-echo listening on {host}:{port} (udp)", host=own.host, port=own.port
+        )
+
+    def datagramReceived(self, data: bytes, addr: tuple[str, int]) -> None:
+        if addr[1] in self.guarded:
+            self.dropped += 1
+            self.log.debug("dropped datagram from {addr}: loop guard", addr=addr)
+            return
+        self.transport.write(data, addr)
+
+
+class Options(ServiceOptions):
+    """twistd -n twistnet-echo [--port 7007] [--udp-port 7007]"""
+
+    synopsis = "[options]"
+    longdesc = (
+        "RFC 862 echo over TCP (and UDP with --udp-port): every byte sent comes back. "
+        f"Listens on TCP port {DEFAULT_PORT} on all interfaces unless --port or --listen says "
+        "otherwise."
+    )
+    default_port = DEFAULT_PORT
+    optParameters = [
+        *connection_options(),
+        [
+            "udp-port",
+            None,
+            None,
+            "Also echo UDP datagrams on this port (off unless given).",
+            port_number,
+        ],
+        ["udp-interface", None, "", "Interface for --udp-port (default: all)."],
+    ]
+
+
+def makeService(options: usage.Options, reactor=None) -> MultiService:
+    factory = EchoFactory(
+        max_connections=options["max-connections"],
+        idle_timeout=options["idle-timeout"],
+        clock=reactor,
+    )
+    top = ServiceRoot("twistnet-echo", reactor)
+    ConnectionCloser(factory.registry).setServiceParent(top)
+    listening_services("twistnet-echo", options.endpoint_descriptions(), factory, reactor, top)
+    if options["udp-port"] is not None:
+        udp = internet.UDPServer(
+            options["udp-port"],
+            EchoDatagram(),
+            interface=options["udp-interface"],
+        )
+        if reactor is not None:
+            udp.reactor = reactor
+        udp.setServiceParent(top)
+    return top
