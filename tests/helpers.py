@@ -183,3 +183,68 @@ def recv_until_closed(sock: socket.socket, timeout=WAIT_SECONDS) -> bytes:
         if not chunk:
             return bytes(received)
         received += chunk
+
+
+def make_certificate(directory: Path, hostname: str = "localhost") -> tuple[Path, Path]:
+    """A throwaway self-signed key and certificate for TLS tests; returns (key, cert) paths."""
+    import datetime  # noqa: PLC0415
+
+    from cryptography import x509  # noqa: PLC0415
+    from cryptography.hazmat.primitives import hashes, serialization  # noqa: PLC0415
+    from cryptography.hazmat.primitives.asymmetric import ec  # noqa: PLC0415
+    from cryptography.x509.oid import NameOID  # noqa: PLC0415
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hostname)])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(hostname)]), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    key_path, cert_path = directory / "key.pem", directory / "cert.pem"
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    return key_path, cert_path
+
+
+def tls_client(port: int, cert_path: Path, hostname: str = "localhost"):
+    """A TLS client socket to 127.0.0.1:C{port} trusting only C{cert_path}."""
+    import ssl  # noqa: PLC0415
+
+    context = ssl.create_default_context(cafile=str(cert_path))
+    raw = connect(port)
+    return context.wrap_socket(raw, server_hostname=hostname)
+
+
+def raise_fd_limit(wanted: int) -> int:
+    """Raise this process's soft RLIMIT_NOFILE (children inherit it); returns the new limit."""
+    import resource  # noqa: PLC0415
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = min(max(soft, wanted), hard) if hard != resource.RLIM_INFINITY else max(soft, wanted)
+    if target > soft:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    return target
+
+
+def figure(name: str, value: float, unit: str = "") -> None:
+    """Print a measured figure; `pytest -s -k ... | grep FIGURE` collects them for the docs."""
+    print(f"FIGURE {name} = {value:.6g} {unit}".rstrip())  # noqa: T201
+
+
+def percentile(samples: list[float], fraction: float) -> float:
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]

@@ -112,14 +112,14 @@ def parse(*argv):
 
 def test_options_defaults():
     options = parse()
-    assert options.endpoint_descriptions() == [f"tcp:{echo.DEFAULT_PORT}"]
+    assert options.endpoint_descriptions() == [f"tcp:{echo.DEFAULT_PORT}:backlog=511"]
     assert options["max-connections"] == 1000
     assert options["idle-timeout"] == 0.0
     assert options["udp-port"] is None
 
 
 def test_port_is_shorthand_for_tcp_endpoint_and_listen_overrides_it():
-    assert parse("--port", "12345").endpoint_descriptions() == ["tcp:12345"]
+    assert parse("--port", "12345").endpoint_descriptions() == ["tcp:12345:backlog=511"]
     options = parse("--port", "1", "--listen", "tcp:0:interface=127.0.0.1", "--listen", "unix:/x")
     assert options.endpoint_descriptions() == ["tcp:0:interface=127.0.0.1", "unix:/x"]
 

@@ -22,6 +22,11 @@ from zope.interface import implementer
 
 log = Logger()
 
+#: Listen backlog of --port and the default endpoint. Twisted's own default of 50 makes a burst
+#: of connections (a flood, a restart with many clients reconnecting) wait on SYN retries for
+#: seconds; 511 is nginx's default and within Linux's default somaxconn (4096).
+DEFAULT_BACKLOG = 511
+
 #: The default cap on concurrent connections: far above any honest use of a small service,
 #: far below the file-descriptor limits that would take the whole process down.
 DEFAULT_MAX_CONNECTIONS = 1000
@@ -125,7 +130,7 @@ class ServiceOptions(usage.Options):
         if self["listen"]:
             return list(self["listen"])
         port = self["port"] if self["port"] is not None else self.default_port
-        description = f"tcp:{port}"
+        description = f"tcp:{port}:backlog={DEFAULT_BACKLOG}"
         if self.default_interface:
             description += f":interface={self.default_interface}"
         return [description]

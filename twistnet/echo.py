@@ -13,9 +13,10 @@ from __future__ import annotations
 from twisted.application import internet
 from twisted.application.service import MultiService
 from twisted.internet import protocol
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IHalfCloseableProtocol, IReactorTime
 from twisted.logger import Logger
 from twisted.python import usage
+from zope.interface import implementer
 
 from twistnet._connections import ConnectionCloser, ConnectionRegistry, ManagedProtocol
 from twistnet._tap import (
@@ -36,8 +37,15 @@ DEFAULT_PORT = 7007
 LOOP_GUARD_PORTS = frozenset({0, 7, 9, 11, 13, 17, 19, 37})
 
 
+@implementer(IHalfCloseableProtocol)
 class Echo(ManagedProtocol):
-    """Sends back every byte received."""
+    """
+    Sends back every byte received.
+
+    Half-closeable: a client that shuts down its sending side (C{nc -N}, C{shutdown(SHUT_WR)})
+    still receives every byte it sent before the connection closes, instead of losing what
+    was still queued.
+    """
 
     def connectionAdmitted(self) -> None:
         self.transport.registerProducer(self.transport, True)
@@ -45,6 +53,13 @@ class Echo(ManagedProtocol):
     def dataReceived(self, data: bytes) -> None:
         self.idle.touch()
         write_now(self.transport, data)
+
+    def readConnectionLost(self) -> None:
+        self.transport.unregisterProducer()
+        self.transport.loseConnection()
+
+    def writeConnectionLost(self) -> None:
+        self.transport.loseConnection()
 
 
 class EchoFactory(protocol.Factory):

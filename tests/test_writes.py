@@ -1,0 +1,111 @@
+"""Pin the behaviour of write_now, the write-through send every twistnet service uses."""
+
+from __future__ import annotations
+
+import select
+import socket
+
+import pytest_twisted
+from twisted.internet import defer, main, protocol, task
+from twisted.internet.error import ConnectionDone, ConnectionLost
+from twisted.internet.testing import StringTransport
+
+from helpers import connect, recv_exactly
+from twistnet._writes import write_now
+
+#: Long enough for loopback to deliver bytes already handed to the kernel.
+DELIVERY_WINDOW = 1.0
+
+
+def readable(sock: socket.socket, timeout: float) -> bool:
+    return bool(select.select([sock], [], [], timeout)[0])
+
+
+class Holder(protocol.Protocol):
+    """Server side that hands its connected instance to the test."""
+
+    def connectionMade(self):
+        self.factory.connected.callback(self)
+
+
+async def read_with_reactor(reactor, sock: socket.socket, count: int, timeout=20.0) -> bytes:
+    """Read C{count} bytes while the reactor keeps running (it has to flush buffered writes)."""
+    received = bytearray()
+    deadline = reactor.seconds() + timeout
+    while len(received) < count:
+        assert reactor.seconds() < deadline, f"got {len(received)} of {count} bytes"
+        if readable(sock, 0):
+            chunk = sock.recv(1 << 20)
+            assert chunk, "connection closed early"
+            received += chunk
+        else:
+            await task.deferLater(reactor, 0.001, lambda: None)
+    return bytes(received)
+
+
+async def server_and_client(listen):
+    factory = protocol.Factory.forProtocol(Holder)
+    factory.connected = defer.Deferred()
+    port = await listen(factory)
+    client = connect(port.getHost().port)
+    server = await factory.connected
+    return server, client
+
+
+@pytest_twisted.ensureDeferred
+async def test_write_now_sends_before_the_reactor_turns(listen):
+    """The reactor is blocked here on purpose: only a write-through send can arrive."""
+    server, client = await server_and_client(listen)
+    with client:
+        server.transport.write(b"buffered")
+        assert not readable(client, 0.2), "a plain write should wait for the reactor"
+        server.transport.doWrite()  # flush the plain write so the buffer is empty again
+        assert recv_exactly(client, 8) == b"buffered"
+        write_now(server.transport, b"now")
+        assert readable(client, DELIVERY_WINDOW)
+        assert client.recv(100) == b"now"
+        server.transport.loseConnection()
+
+
+@pytest_twisted.ensureDeferred
+async def test_write_now_queues_behind_pending_output_to_keep_order(listen, reactor):
+    server, client = await server_and_client(listen)
+    with client:
+        server.transport.write(b"first,")
+        write_now(server.transport, b"second")
+        assert not readable(client, 0.2), "must not overtake the queued bytes"
+        assert server.transport._tempDataLen == len(b"first,second")
+        assert await read_with_reactor(reactor, client, 12) == b"first,second"
+        server.transport.loseConnection()
+
+
+@pytest_twisted.ensureDeferred
+async def test_write_now_buffers_what_the_socket_does_not_take(listen, reactor):
+    server, client = await server_and_client(listen)
+    with client:
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 32768)
+        server.transport.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 32768)
+        payload = bytes(range(256)) * 8_000  # 2 MB: far more than both socket buffers
+        write_now(server.transport, payload)
+        pending = server.transport._tempDataLen
+        assert 0 < pending < len(payload), "some sent at once, the rest queued"
+        assert await read_with_reactor(reactor, client, len(payload)) == payload
+        server.transport.loseConnection()
+
+
+def test_write_now_falls_back_to_plain_write_on_other_transports():
+    transport = StringTransport()
+    write_now(transport, b"tls or test transport")
+    assert transport.value() == b"tls or test transport"
+
+
+@pytest_twisted.ensureDeferred
+async def test_write_now_leaves_a_socket_error_to_the_buffered_path(listen):
+    server, client = await server_and_client(listen)
+    client.close()
+    lost = defer.Deferred()
+    server.connectionLost = lambda reason: lost.callback(reason.type)
+    server.transport.writeSomeData = lambda data: main.CONNECTION_LOST
+    write_now(server.transport, b"into the void")
+    assert server.transport._tempDataLen == len(b"into the void")
+    assert await lost in (ConnectionLost, ConnectionDone)
