@@ -187,12 +187,12 @@ def recv_until_closed(sock: socket.socket, timeout=WAIT_SECONDS) -> bytes:
 
 def make_certificate(directory: Path, hostname: str = "localhost") -> tuple[Path, Path]:
     """A throwaway self-signed key and certificate for TLS tests; returns (key, cert) paths."""
-    import datetime  # noqa: PLC0415
+    import datetime
 
-    from cryptography import x509  # noqa: PLC0415
-    from cryptography.hazmat.primitives import hashes, serialization  # noqa: PLC0415
-    from cryptography.hazmat.primitives.asymmetric import ec  # noqa: PLC0415
-    from cryptography.x509.oid import NameOID  # noqa: PLC0415
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
 
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hostname)])
@@ -222,7 +222,7 @@ def make_certificate(directory: Path, hostname: str = "localhost") -> tuple[Path
 
 def tls_client(port: int, cert_path: Path, hostname: str = "localhost"):
     """A TLS client socket to 127.0.0.1:C{port} trusting only C{cert_path}."""
-    import ssl  # noqa: PLC0415
+    import ssl
 
     context = ssl.create_default_context(cafile=str(cert_path))
     raw = connect(port)
@@ -231,7 +231,7 @@ def tls_client(port: int, cert_path: Path, hostname: str = "localhost"):
 
 def raise_fd_limit(wanted: int) -> int:
     """Raise this process's soft RLIMIT_NOFILE (children inherit it); returns the new limit."""
-    import resource  # noqa: PLC0415
+    import resource
 
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     target = min(max(soft, wanted), hard) if hard != resource.RLIM_INFINITY else max(soft, wanted)
@@ -242,7 +242,7 @@ def raise_fd_limit(wanted: int) -> int:
 
 def figure(name: str, value: float, unit: str = "") -> None:
     """Print a measured figure; `pytest -s -k ... | grep FIGURE` collects them for the docs."""
-    print(f"FIGURE {name} = {value:.6g} {unit}".rstrip())  # noqa: T201
+    print(f"FIGURE {name} = {value:.6g} {unit}".rstrip())
 
 
 def percentile(samples: list[float], fraction: float) -> float:
