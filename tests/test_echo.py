@@ -12,7 +12,7 @@ from twisted.internet import defer, protocol, task
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python import usage
 
-from helpers import connect, recv_exactly, recv_until_closed, run_twistd, wait_until
+from helpers import connect, figure, recv_exactly, recv_until_closed, run_twistd, wait_until
 from twistnet import echo
 
 
@@ -268,6 +268,8 @@ def test_non_reading_client_is_paused_while_others_are_served(echo_server):
             honest.sendall(b"still there?\n")
             assert recv_exactly(honest, 13) == b"still there?\n"
         growth_mib = (echo_server.rss_kib() - rss_before) / 1024
+    figure("echo.slow_consumer.pushed", pushed / 2**20, "MiB")
+    figure("echo.slow_consumer.rss_growth", growth_mib, "MiB")
     assert pushed > 1 * 2**20, "the hog should have pushed at least the socket buffers"
     assert growth_mib < 16, f"server grew by {growth_mib:.1f} MiB for a non-reading client"
     assert echo_server.terminate() == 0
