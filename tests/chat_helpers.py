@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import re
 import socket
+from pathlib import Path
 
 from twisted.internet import task
 from twisted.internet.testing import StringTransport
@@ -82,3 +84,9 @@ class ChatClient:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def peak_rss_kib(server) -> int:
+    """The highest resident memory the server process reached so far (VmHWM), in KiB."""
+    status = Path(f"/proc/{server.proc.pid}/status").read_text()
+    return int(re.search(r"VmHWM:\s+(\d+)", status).group(1))

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import socket
+
 import pytest
-from chat_helpers import NO_LIMITS, hang_up, join, make_chat, take
+from chat_helpers import NO_LIMITS, ChatClient, hang_up, join, make_chat, peak_rss_kib, take
 from twisted.internet import defer
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.logger import LogLevel, globalLogPublisher
@@ -11,6 +13,7 @@ from twisted.python import usage
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
+from helpers import connect, recv_until_closed
 from twistnet import chat
 from twistnet.chat import protocol as chat_protocol
 from twistnet.chat.protocol import ChatLimits, ChatProtocol
@@ -732,3 +735,110 @@ def test_shutdown_tells_everyone_and_does_not_announce_each_departure():
     assert stopped.called
     assert len(factory.room) == 0
     assert clock.getDelayedCalls() == []
+
+
+# --- end to end: twistd as a child process --------------------------------------------------
+
+
+def start_chat(twistd, *args: str):
+    server = twistd("twistnet-chat", "--listen", "tcp:0:interface=127.0.0.1", *args)
+    server.tcp_port = server.port()
+    return server
+
+
+TELNET_HELLO = bytes([IAC, DO, 1, IAC, WILL, 31, IAC, SB, 31, 0, 80, 0, 24, IAC, SE])
+
+
+def test_telnet_and_nc_users_talk_rename_and_whisper(twistd):
+    server = start_chat(twistd)
+    with ChatClient(server.tcp_port, eol=b"\r\n") as telnet, ChatClient(server.tcp_port) as nc:
+        telnet.wait_for(f"{nc.name} has joined".encode())
+        telnet.sock.sendall(TELNET_HELLO)
+        telnet.wait_for(bytes([IAC, WONT, 1, IAC, DONT, 31]))
+        telnet.rename("tel")
+        nc.rename("Nc")
+        telnet.send("/name NC")
+        assert b"NC': Nc is already taken" in telnet.wait_for(b"Cannot take the name")
+        telnet.send(b"hello from telnet" + bytes([IAC, IP]) + b" \xe2\x82\xac")
+        assert nc.wait_for(b"tel:") == "tel: hello from telnet €".encode()
+        nc.send("hi telnet, this is nc")
+        assert telnet.wait_for(b"Nc:") == b"Nc: hi telnet, this is nc"
+        nc.send("/MSG TEL just between us", "/msg ghost hello?")
+        assert nc.wait_for(b"No one here") == b"*** No one here is called ghost."
+        assert telnet.wait_for(b"[private]") == b"[private] Nc: just between us"
+        nc.send("/who")
+        assert nc.wait_for(b"***   ") == b"***   Nc tel"
+        nc.send("/quit")
+        assert nc.wait_for(b"Goodbye") == b"*** Goodbye, Nc."
+        assert recv_until_closed(nc.sock) == b""
+        assert telnet.wait_for(b"has left") == b"*** Nc has left (quit)"
+    assert "Traceback" not in server.output
+
+
+def test_200kb_line_is_refused_and_the_connection_kept(twistd):
+    server = start_chat(twistd)
+    with ChatClient(server.tcp_port) as sender, ChatClient(server.tcp_port) as reader:
+        sender.send(b"A" * 200_000, b"short one")
+        assert sender.wait_for(b"Line too long") == (
+            b"*** Line too long (over 4096 bytes): not sent."
+        )
+        assert reader.wait_for(b"short one") == f"{sender.name}: short one".encode()
+        assert b"AAAA" not in reader.received
+
+
+def test_invalid_utf8_is_replaced_end_to_end(twistd):
+    server = start_chat(twistd)
+    with ChatClient(server.tcp_port) as sender, ChatClient(server.tcp_port) as reader:
+        sender.send(b"caf\xe9 \xfe\x80 na\xc3\xafve")
+        line = reader.wait_for(b"caf")
+        assert line.decode("utf-8") == f"{sender.name}: caf\ufffd \ufffd\ufffd naïve"
+
+
+def test_non_reading_client_is_cut_off_and_server_memory_stays_bounded(twistd):
+    """A member that never reads is cut off at the default 1 MiB --sendq; RSS stays flat."""
+    server = start_chat(twistd, "--rate", "0")
+    hog = socket.socket()
+    hog.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    hog.connect(("127.0.0.1", server.tcp_port))
+    with hog, ChatClient(server.tcp_port) as talker:
+        rss_before = server.rss_kib()
+        line = b"x" * 4000
+        sent = 0
+        # Bounded: 20 MB at most, far more than kernel buffers plus the cap.
+        while sent < 5000 and "over --sendq" not in server.output:
+            talker.send(*[line] * 50)
+            sent += 50
+        cut = server.wait_for_line(
+            r"disconnecting guest-1 \(127\.0\.0\.1:\d+\): (?P<unsent>\d+) bytes unsent"
+        )
+        growth_kib = peak_rss_kib(server) - rss_before
+        assert talker.wait_for(b"guest-1 has left") == (
+            b"*** guest-1 has left (not reading, send queue full)"
+        )
+    print(
+        f"non-reader cut off after {sent} lines of 4000 B with {cut.group('unsent')} B unsent;"
+        f" peak RSS growth {growth_kib} KiB"
+    )
+    assert growth_kib < 8 * 1024, f"server grew {growth_kib} KiB for a non-reading client"
+    assert server.terminate() == 0
+
+
+def test_sigterm_tells_everyone_and_exits_zero(twistd):
+    server = start_chat(twistd)
+    with ChatClient(server.tcp_port, eol=b"\r\n") as one, ChatClient(server.tcp_port) as two:
+        two.send("/who")
+        two.wait_for(b"***   ")
+        assert server.terminate() == 0
+        for client in (one, two):
+            rest = client.received + recv_until_closed(client.sock)
+            assert b"*** The server is shutting down. Goodbye.\r\n" in rest
+            assert b"has left" not in rest
+    assert "received SIGTERM" in server.output
+    assert "Traceback" not in server.output
+
+
+def test_room_full_end_to_end(twistd):
+    server = start_chat(twistd, "--max-clients", "1")
+    with ChatClient(server.tcp_port), connect(server.tcp_port) as second:
+        assert recv_until_closed(second) == b"*** The chat room is full, try again later.\r\n"
+    server.wait_for_line(r"refused 127\.0\.0\.1:\d+: at --max-connections 1")
