@@ -28,12 +28,19 @@ def join(factory, transport=None) -> tuple[ChatProtocol, StringTransport]:
     proto = factory.buildProtocol(None)
     transport = transport if transport is not None else StringTransport()
     proto.makeConnection(transport)
+    transport.chat_clock = factory.registry.clock
     return proto, transport
+
+
+def sent(transport: StringTransport) -> bytes:
+    """Everything written to C{transport}, once this reactor turn's output is flushed."""
+    transport.chat_clock.advance(0)
+    return transport.value()
 
 
 def take(transport: StringTransport) -> list[str]:
     """The lines written to C{transport} since the last call, as text; clears it."""
-    data = transport.value()
+    data = sent(transport)
     transport.clear()
     return data.decode("utf-8").split("\r\n")[:-1]
 

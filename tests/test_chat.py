@@ -5,7 +5,16 @@ from __future__ import annotations
 import socket
 
 import pytest
-from chat_helpers import NO_LIMITS, ChatClient, hang_up, join, make_chat, peak_rss_kib, take
+from chat_helpers import (
+    NO_LIMITS,
+    ChatClient,
+    hang_up,
+    join,
+    make_chat,
+    peak_rss_kib,
+    sent,
+    take,
+)
 from twisted.internet import defer
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.logger import LogLevel, globalLogPublisher
@@ -295,12 +304,22 @@ def test_sender_does_not_get_its_own_line_back(pair):
     assert take(bob_t) == ["guest-1: hello"]
 
 
-def test_lines_of_one_chunk_reach_others_in_one_write(pair):
-    _, _, (alice, _), (_, bob_t) = pair
-    writes = []
-    bob_t.write = lambda data: writes.append(data)
-    alice.dataReceived(b"a\nb\nc\n")
-    assert writes == [b"guest-1: a\r\nguest-1: b\r\nguest-1: c\r\n"]
+def test_one_turn_of_talk_reaches_each_member_in_one_write(pair):
+    factory, clock, (alice, alice_t), (bob, bob_t) = pair
+    _carol, carol_t = join(factory)
+    take(alice_t), take(bob_t), take(carol_t)
+    writes = {bob_t: [], carol_t: []}
+    for transport, log in writes.items():
+        transport.write = log.append
+    alice.dataReceived(b"a\nb\n")
+    bob.dataReceived(b"c\n")
+    assert writes[bob_t] == writes[carol_t] == [], "nothing is sent before the turn ends"
+    clock.advance(0)
+    assert writes[bob_t] == [b"guest-1: a\r\nguest-1: b\r\n"]
+    assert writes[carol_t] == [b"guest-1: a\r\nguest-1: b\r\nguest-2: c\r\n"]
+    alice.dataReceived(b"single\n")
+    clock.advance(0)
+    assert writes[bob_t][-1] is writes[carol_t][-1], "one message: one bytes object for all"
 
 
 def test_utf8_character_split_across_reads_survives(pair):
@@ -340,7 +359,7 @@ def test_telnet_option_requests_are_refused_once_and_never_shown(pair):
     _, _, (alice, alice_t), (_, bob_t) = pair
     negotiation = bytes([IAC, DO, 1, IAC, WILL, 31, IAC, WONT, 3, IAC, DONT, 5])
     alice.dataReceived(negotiation + b"hi" + negotiation + b"\r\n")
-    assert alice_t.value() == bytes([IAC, WONT, 1, IAC, DONT, 31])
+    assert sent(alice_t) == bytes([IAC, WONT, 1, IAC, DONT, 31])
     assert take(bob_t) == ["guest-1: hi"]
 
 
@@ -557,9 +576,9 @@ def test_non_reading_member_is_cut_off_at_sendq_and_logged_others_served(logged)
     take(alice_t), take(bob_t)
     for i in range(20):
         alice.dataReceived(b"message %02d of twenty-odd bytes\n" % i)
-        bob_t.clear()  # bob reads, slowpoke (whose StringTransport keeps everything) does not
+        take(bob_t)  # bob reads, slowpoke (whose StringTransport keeps everything) does not
     assert slow_t.disconnected
-    assert len(slow_t.value()) <= 300 + 200, "cut off near the cap, not far past it"
+    assert len(sent(slow_t)) <= 300 + 200, "cut off near the cap, not far past it"
     slow.connectionLost(None)
     assert factory.room.who() == ["guest-1", "guest-3"]
     assert take(bob_t) == ["*** slowpoke has left (not reading, send queue full)"]
@@ -575,19 +594,19 @@ def test_server_bulk_output_never_trips_the_sendq_of_an_honest_client():
     talker.dataReceived(b"".join(b"history line number %02d\n" % i for i in range(20)))
     for _ in range(30):
         join(factory)
-        talker_t.clear()
+        take(talker_t)
     _newcomer, newcomer_t = join(factory)
-    assert len(newcomer_t.value()) > 200, "welcome and history are bigger than the cap"
+    assert len(sent(newcomer_t)) > 200, "welcome and history are bigger than the cap"
     talker.dataReceived(b"a fresh line\n")
     assert not newcomer_t.disconnected
-    assert newcomer_t.value().endswith(b"guest-1: a fresh line\r\n")
-    newcomer_t.clear()
+    assert sent(newcomer_t).endswith(b"guest-1: a fresh line\r\n")
+    take(newcomer_t)
     _newcomer.dataReceived(b"/who\n")
-    assert len(newcomer_t.value()) > 200
-    talker_t.clear()
+    assert len(sent(newcomer_t)) > 200
+    take(talker_t)
     talker.dataReceived(b"another\n")
     assert not newcomer_t.disconnected
-    assert newcomer_t.value().endswith(b"guest-1: another\r\n")
+    assert sent(newcomer_t).endswith(b"guest-1: another\r\n")
 
 
 def test_a_client_spamming_commands_without_reading_is_still_cut_off():
@@ -595,6 +614,7 @@ def test_a_client_spamming_commands_without_reading_is_still_cut_off():
     alice, alice_t = join(factory)
     for _ in range(100):
         alice.dataReceived(b"/help\n")
+        sent(alice_t)
         if alice_t.disconnected:
             break
     assert alice_t.disconnected
@@ -622,7 +642,7 @@ def test_room_full_is_told_and_closed():
     factory, _ = make_chat(max_clients=2)
     join(factory), join(factory)
     third, third_t = join(factory)
-    assert third_t.value() == b"*** The chat room is full, try again later.\r\n"
+    assert sent(third_t) == b"*** The chat room is full, try again later.\r\n"
     assert third_t.disconnecting
     third.dataReceived(b"/nick sneaky\n")
     third.connectionLost(None)
@@ -643,7 +663,7 @@ def test_idle_timeout_counts_only_complete_lines():
     assert trickler_t.disconnecting
     assert reader_t.disconnecting
     assert not talker_t.disconnecting
-    assert trickler_t.value().endswith(ChatProtocol.idle_message)
+    assert sent(trickler_t).endswith(ChatProtocol.idle_message)
     trickler.connectionLost(None)
     reader.connectionLost(None)
     assert factory.room.who() == ["guest-1"]
@@ -723,15 +743,15 @@ def test_shutdown_tells_everyone_and_does_not_announce_each_departure():
     factory, clock = make_chat(limits=NO_LIMITS)
     people = [join(factory) for _ in range(3)]
     for _, transport in people:
-        transport.clear()
+        take(transport)
     closer = ChatCloser(factory)
     closer.startService()
     stopped = closer.stopService()
     for proto, transport in people:
-        assert transport.value() == SHUTDOWN_NOTICE
+        assert sent(transport) == SHUTDOWN_NOTICE
         assert transport.disconnecting
         proto.connectionLost(None)
-        assert transport.value() == SHUTDOWN_NOTICE, "no 'has left' lines during shutdown"
+        assert sent(transport) == SHUTDOWN_NOTICE, "no 'has left' lines during shutdown"
     assert stopped.called
     assert len(factory.room) == 0
     assert clock.getDelayedCalls() == []

@@ -4,7 +4,8 @@ The chat protocol: one connection's framing, telnet bytes, commands and limits.
 Everything shared (names, history, delivery to others) goes through an L{IRoom}; this module
 only talks to the wire. It is written for throughput: whole chunks are split at once (no
 C{LineReceiver}, which re-scans its buffer for every line), consecutive plain lines of one
-chunk go to the room as one broadcast, and output goes out through L{write_now}.
+chunk go to the room as one broadcast, and each member's output is sent once per reactor turn
+through L{write_now} (see L{Flusher}).
 
 Framing: a line ends at CR LF (telnet), CR NUL (telnet's bare CR), bare LF (nc) or bare CR.
 
@@ -140,7 +141,9 @@ class ChatProtocol(ManagedProtocol):
                 "--sendq is not enforced on {kind} transports",
                 kind=type(self.transport).__name__,
             )
+        self._out: list[bytes] | None = None
         self._credit = 0
+        self._exempt_queued = 0
         self._buffer = b""
         self._after_cr = False
         self._discarding = False
@@ -181,6 +184,8 @@ class ChatProtocol(ManagedProtocol):
         )
 
     def close(self, message: bytes = b"") -> None:
+        # What is queued goes out before the last words, in order.
+        self.flush()
         self._closing = True
         super().close(message)
 
@@ -191,40 +196,53 @@ class ChatProtocol(ManagedProtocol):
     # --- output ---------------------------------------------------------------------------
 
     def deliver(self, encoded: bytes) -> None:
-        """L{IMember.deliver}: queue C{encoded} unless that passes the send-queue cap."""
+        """L{IMember.deliver}: queue C{encoded} for this reactor turn's flush."""
         if self._closing:
             return
-        probe = self._pending
-        if probe is not None:
-            pending = probe()
-            if pending:
-                credit = self._credit
-                if credit > pending:
-                    # What is still pending can be at most all of the exempt output.
-                    credit = self._credit = pending
-                if pending - credit + len(encoded) > self._sendq:
-                    self._overflow(pending)
-                    return
-                self.transport.write(encoded)
-                return
-            self._credit = 0
-        write_now(self.transport, encoded)
+        out = self._out
+        if out is None:
+            self._out = [encoded]
+            self.factory.flusher.mark(self)
+        else:
+            out.append(encoded)
 
     def _reply(self, data: bytes, exempt: bool = False) -> None:
         """
-        Send the server's own output to this client. It never trips the cap by itself;
-        only what was already queued (beyond exempt output) counts. C{exempt} output
-        (welcome, history, /WHO) may in addition overrun the cap by its own size.
+        Queue the server's own output for this client, in order with what others said.
+        C{exempt} output (welcome, history, /WHO, /HELP) may overrun the send-queue cap by
+        its own size, so an honest client never trips the cap on the server's bulk output.
         """
-        if self._closing:
+        if exempt and len(data) > self._exempt_queued:
+            self._exempt_queued = len(data)
+        self.deliver(data)
+
+    def flush(self) -> None:
+        """
+        Send what was queued since the last flush in one write, unless that would leave
+        more than --sendq bytes unsent (the server's exempt bulk output not counted).
+        """
+        out = self._out
+        self._out = None
+        if self._closing or not out:
             return
-        if self._pending is not None:
-            pending = self._pending()
-            credit = min(self._credit, pending)
-            if pending - credit > self._sendq:
-                self._overflow(pending)
-                return
-            self._credit = max(credit, len(data)) if exempt else credit
+        data = out[0] if len(out) == 1 else b"".join(out)
+        probe = self._pending
+        if probe is not None:
+            pending = probe()
+            exempt = self._exempt_queued
+            self._exempt_queued = 0
+            if pending or exempt:
+                # What is still unsent of earlier exempt output is at most all that is
+                # unsent. One exempt burst at a time is allowed: taking the max rather
+                # than the sum means a client repeating /WHO without reading still trips.
+                credit = max(min(self._credit, pending), exempt)
+                self._credit = credit
+                if pending + len(data) - credit > self._sendq:
+                    self._overflow(pending + len(data))
+                    return
+                if pending:
+                    self.transport.write(data)
+                    return
         write_now(self.transport, data)
 
     def _send_bulk(self, data: bytes) -> None:
@@ -469,6 +487,38 @@ _COMMANDS = {
 }
 
 
+class Flusher:
+    """
+    Sends every member's queued output once per reactor turn.
+
+    Deliveries are queued per member and flushed by one delayed call at the end of the
+    turn: when ten people speak in the same turn, each member gets one write of ten lines
+    instead of ten writes, and a single message still goes out as the one bytes object
+    the room encoded. Each member is flushed on its own, so one failure stops no one else.
+    """
+
+    log = Logger()
+
+    def __init__(self, clock: IReactorTime) -> None:
+        self._clock = clock
+        self._dirty: list[ChatProtocol] = []
+        self._call = None
+
+    def mark(self, member: ChatProtocol) -> None:
+        self._dirty.append(member)
+        if self._call is None:
+            self._call = self._clock.callLater(0, self.flush)
+
+    def flush(self) -> None:
+        self._call = None
+        dirty, self._dirty = self._dirty, []
+        for member in dirty:
+            try:
+                member.flush()
+            except Exception:
+                self.log.failure("sending to {name} failed", name=member.name)
+
+
 class ChatFactory(protocol.Factory):
     """Builds L{ChatProtocol}s sharing one room, one set of limits and one registry."""
 
@@ -490,6 +540,7 @@ class ChatFactory(protocol.Factory):
         self.room = room
         self.limits = limits if limits is not None else ChatLimits()
         self.registry = ConnectionRegistry(max_connections, clock)
+        self.flusher = Flusher(self.registry.clock)
         self.idle_timeout = idle_timeout
 
 
