@@ -55,6 +55,9 @@ class ChatClient:
 
     def __init__(self, port: int, eol: bytes = b"\n", host: str = "127.0.0.1") -> None:
         self.sock: socket.socket = connect(port, host)
+        # As telnet does: otherwise Nagle holds a line until the server's delayed ACK,
+        # and latency figures would measure the client's 40 ms wait, not the server.
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.eol = eol
         self.received = b""
         self.name = self.wait_for(b"Welcome to twistnet chat, ").split(b", ", 1)[1]

@@ -112,6 +112,22 @@ def pending_output_probe(transport):
     return None
 
 
+def _no_delay(transport) -> None:
+    """
+    Turn Nagle's algorithm off: chat lines are small and interactive, and output is already
+    batched once per reactor turn, so holding a line back for an ACK (up to the peer's
+    delayed-ACK 40 ms) only adds latency. Through a TLS wrapper, the TCP transport below.
+    """
+    for candidate in (transport, getattr(transport, "transport", None)):
+        set_no_delay = getattr(candidate, "setTcpNoDelay", None)
+        if set_no_delay is not None:
+            try:
+                set_no_delay(True)
+            except OSError:
+                pass  # already closed, or not TCP after all: nothing to tune
+            return
+
+
 @implementer(IMember)
 class ChatProtocol(ManagedProtocol):
     """One person in the chat, as seen from their connection."""
@@ -141,6 +157,7 @@ class ChatProtocol(ManagedProtocol):
                 "--sendq is not enforced on {kind} transports",
                 kind=type(self.transport).__name__,
             )
+        _no_delay(self.transport)
         self._out: list[bytes] | None = None
         self._credit = 0
         self._exempt_queued = 0
