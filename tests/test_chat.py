@@ -739,19 +739,21 @@ def test_make_service_listens_with_the_limits_given():
     assert defer.maybeDeferred(service.stopService).called
 
 
-def test_shutdown_tells_everyone_and_does_not_announce_each_departure():
+def test_shutdown_tells_everyone_after_what_was_said_and_announces_no_departures():
     factory, clock = make_chat(limits=NO_LIMITS)
     people = [join(factory) for _ in range(3)]
     for _, transport in people:
         take(transport)
+    people[0][0].dataReceived(b"last words\n")
     closer = ChatCloser(factory)
     closer.startService()
     stopped = closer.stopService()
-    for proto, transport in people:
-        assert sent(transport) == SHUTDOWN_NOTICE
+    expected = [b"", b"guest-1: last words\r\n", b"guest-1: last words\r\n"]
+    for (proto, transport), before in zip(people, expected, strict=True):
+        assert transport.value() == before + SHUTDOWN_NOTICE
         assert transport.disconnecting
         proto.connectionLost(None)
-        assert sent(transport) == SHUTDOWN_NOTICE, "no 'has left' lines during shutdown"
+        assert sent(transport) == before + SHUTDOWN_NOTICE, "no 'has left' during shutdown"
     assert stopped.called
     assert len(factory.room) == 0
     assert clock.getDelayedCalls() == []

@@ -14,6 +14,7 @@ import socket
 import ssl
 import statistics
 import struct
+import threading
 import time
 
 import pytest
@@ -269,6 +270,58 @@ def test_connection_flood_is_held_at_max_clients_and_members_still_served(twistd
 def _who_count(client: ChatClient) -> int:
     client.send("/who")
     return int(client.wait_for(b" here:").split()[1])
+
+
+def count_lines_until(sock: socket.socket, needle: bytes, timeout: float = 60) -> int:
+    """Read C{sock} until C{needle} arrives; the number of lines read (bounded memory)."""
+    deadline = time.monotonic() + timeout
+    lines, tail = 0, b""
+    while needle not in tail:
+        sock.settimeout(max(0.01, deadline - time.monotonic()))
+        chunk = sock.recv(1 << 20)
+        if not chunk:
+            raise AssertionError(f"closed after {lines} lines")
+        lines += chunk.count(b"\n")
+        tail = tail[-len(needle) :] + chunk
+    return lines
+
+
+def test_ten_slow_consumers_are_cut_off_while_an_honest_reader_gets_everything(twistd):
+    """Ten members that never read: each is cut at --sendq, memory stays bounded in MiB."""
+    sendq = 1024 * 1024
+    server = start_chat(twistd, "--rate", "0", "--sendq", str(sendq))
+    hogs = []
+    for _ in range(10):
+        hog = socket.socket()
+        hog.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        hog.connect(("127.0.0.1", server.tcp_port))
+        hogs.append(hog)
+    with ChatClient(server.tcp_port) as reader, ChatClient(server.tcp_port) as talker:
+        rss_before = server.rss_kib()
+        received = []
+        reading = threading.Thread(
+            target=lambda: received.append(count_lines_until(reader.sock, b"talker-done"))
+        )
+        reading.start()
+        line, lines = b"y" * 4000, 0
+        while lines < 6000 and server.output.count("over --sendq") < len(hogs):
+            talker.send(*[line] * 50)
+            lines += 50
+        talker.send("talker-done")
+        reading.join(70)
+        assert received, "the honest reader did not get to the end"
+        assert received[0] >= lines, f"the honest reader got {received[0]} of {lines} lines"
+        growth_mib = (peak_rss_kib(server) - rss_before) / 1024
+    for hog in hogs:
+        hog.close()
+    cut = server.output.count("over --sendq")
+    print(
+        f"slow consumers: {cut}/10 cut off at --sendq 1 MiB after {lines} lines of 4000 B"
+        f" ({lines * 4 / 1000:.0f} MB broadcast); peak RSS growth {growth_mib:.1f} MiB;"
+        f" the honest reader got all {lines} lines"
+    )
+    assert cut == len(hogs)
+    assert growth_mib < len(hogs) * sendq / 2**20 + 16
 
 
 def test_half_closes_and_resets_mid_line_leak_nothing_and_log_no_traceback(twistd):

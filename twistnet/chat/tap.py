@@ -102,6 +102,8 @@ class ChatCloser(ConnectionCloser):
         # Everyone is leaving at once: announcing each departure to all the others would
         # be N*N lines nobody reads.
         self.factory.stopping = True
+        # What people said this turn goes out before the notice, not after it.
+        self.factory.flusher.flush()
         return super().stopService()
 
 
