@@ -212,6 +212,9 @@ class RecordingRoom:
     def who(self):
         return ["remote-7", "elsewhere"]
 
+    def count(self):
+        return 2
+
     def broadcast(self, sender, lines):
         self.calls.append(("broadcast", list(lines)))
 

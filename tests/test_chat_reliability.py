@@ -429,7 +429,8 @@ def test_chat_over_tls_with_a_real_tls_client(twistd, tmp_path):
         # Alternating senders, 10 lines each: within --burst, as honest people talk.
         samples = [round_trip(alice, bob, f"tls-a{i}") for i in range(10)]
         samples += [round_trip(bob, alice, f"tls-b{i}") for i in range(10)]
-    print(f"TLS ({context.protocol.name}): round trips {latency_summary(samples)}")
+        version = alice.sock.version()
+    print(f"TLS ({version}): round trips {latency_summary(samples)}")
     with socket.create_connection(("127.0.0.1", port)) as plain:
         plain.sendall(b"not tls\r\n")
         assert b"Welcome" not in recv_until_closed(plain)

@@ -176,7 +176,7 @@ class ChatProtocol(ManagedProtocol):
         self._send_bulk(self._welcome(name))
 
     def _welcome(self, name: str) -> bytes:
-        here = len(self.room.who())
+        here = self.room.count()
         lines = [
             f"*** Welcome to twistnet chat, {name}! {here} here now."
             " /NAME yourname to pick a name, /HELP for commands.",
@@ -260,6 +260,9 @@ class ChatProtocol(ManagedProtocol):
                 if pending:
                     self.transport.write(data)
                     return
+            else:
+                # All sent: nothing of earlier exempt output can still be waiting.
+                self._credit = 0
         write_now(self.transport, data)
 
     def _send_bulk(self, data: bytes) -> None:

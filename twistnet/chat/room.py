@@ -50,6 +50,9 @@ class IRoom(Interface):
     def who() -> list[str]:
         """The names of everyone here, sorted ignoring case."""
 
+    def count() -> int:
+        """How many members are here."""
+
     def broadcast(sender: IMember | None, lines: Sequence[str]) -> None:
         """
         Deliver C{lines} (text without line ends) to everyone but C{sender}, as one write,
@@ -158,6 +161,9 @@ class Room:
 
     def who(self) -> list[str]:
         return sorted((member.name for member in self._members), key=str.casefold)
+
+    def count(self) -> int:
+        return len(self._by_key)
 
     def broadcast(self, sender: IMember | None, lines: Sequence[str]) -> None:
         if not lines:
