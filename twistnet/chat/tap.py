@@ -44,7 +44,7 @@ class Options(ServiceOptions):
             None,
             None,
             "Most people in the room at once; the next is told the room is full "
-            "(same as --max-connections, which it overrides).",
+            "(same as --max-connections, which it overrides)",
             non_negative_int,
         ],
         [
