@@ -623,22 +623,66 @@ def test_a_client_spamming_commands_without_reading_is_still_cut_off():
     assert alice_t.disconnected
 
 
-def test_pending_output_probe_reads_tcp_buffers_and_gives_up_on_unknown_transports():
+def test_pending_output_probe_reads_tcp_buffers_and_looks_below_wrappers():
     class TCPLike:
         dataBuffer = b"0123456789"
         offset = 4
         _tempDataLen = 5
 
-    class TLSLike:
-        transport = TCPLike()
+    class Wrapper:
+        """Forwards unknown attributes, as twisted.protocols.policies.ProtocolWrapper does."""
+
+        def __init__(self, transport):
+            self.transport = transport
+
+        def __getattr__(self, name):
+            return getattr(self.transport, name)
+
+    class TLSLike(Wrapper):
         _appSendBuffer = [b"abc", b"de"]
 
     assert chat_protocol.pending_output_probe(TCPLike())() == 11
-    assert chat_protocol.pending_output_probe(TLSLike())() == 16
+    assert chat_protocol.pending_output_probe(Wrapper(TCPLike()))() == 11
+    assert chat_protocol.pending_output_probe(TLSLike(TCPLike()))() == 16
     assert chat_protocol.pending_output_probe(object()) is None
     transport = StringTransport()
     transport.write(b"xyz")
     assert chat_protocol.pending_output_probe(transport)() == 3
+
+
+class OpaqueTransport(StringTransport):
+    """A transport whose buffer cannot be read: only producer pause/resume tell its state."""
+
+    value = None  # hide StringTransport's buffer from the probe
+
+    def sent(self) -> bytes:
+        return self.io.getvalue()
+
+
+def test_sendq_falls_back_to_producer_pauses_on_opaque_transports():
+    factory, clock = make_chat(limits=ChatLimits(rate=0, sendq=100))
+    talker, talker_t = join(factory)
+    slow, slow_t = join(factory, OpaqueTransport())
+    counter = slow_t.producer
+    assert isinstance(counter, chat_protocol.PauseCounter)
+    talker.dataReceived(b"x" * 60 + b"\n")
+    clock.advance(0)
+    assert not slow_t.disconnecting, "unpaused: the transport copes"
+    counter.pauseProducing()  # the transport's buffer is full
+    talker.dataReceived(b"y" * 60 + b"\n")
+    clock.advance(0)
+    assert not slow_t.disconnecting
+    counter.resumeProducing()  # drained
+    counter.pauseProducing()
+    for line in (b"1" * 60, b"2" * 60):
+        talker.dataReceived(line + b"\n")
+        clock.advance(0)
+    assert slow_t.disconnecting, "70 + 70 bytes written while paused pass --sendq 100"
+    assert slow_t.producer is None, "unregistered, so closing does not wait for it"
+    assert b"2" * 60 not in slow_t.sent()
+    slow.connectionLost(None)
+    assert factory.room.who() == ["guest-1"]
+    take(talker_t)
 
 
 def test_room_full_is_told_and_closed():

@@ -22,7 +22,7 @@ import re
 
 from attrs import frozen
 from twisted.internet import protocol
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IPushProducer, IReactorTime
 from twisted.logger import Logger
 from zope.interface import implementer
 
@@ -79,36 +79,79 @@ class ChatLimits:
     sendq: int = 1024 * 1024
 
 
+@implementer(IPushProducer)
+class PauseCounter:
+    """
+    The fallback measure of unsent output, for a transport whose buffer cannot be read.
+
+    Registered as the transport's streaming producer, it is told when the transport's buffer
+    fills (C{pauseProducing}) and when it drains (C{resumeProducing}); what was written in
+    between is what waits beyond the transport's own buffer size. Calling it returns that.
+    """
+
+    def __init__(self) -> None:
+        self.paused = False
+        self.unsent = 0
+
+    def __call__(self) -> int:
+        return self.unsent
+
+    def wrote(self, count: int) -> None:
+        if self.paused:
+            self.unsent += count
+
+    def pauseProducing(self) -> None:
+        self.paused = True
+
+    def resumeProducing(self) -> None:
+        self.paused = False
+        self.unsent = 0
+
+    def stopProducing(self) -> None:
+        self.paused = False
+
+
 def pending_output_probe(transport):
     """
     A function returning how many bytes C{transport} holds unsent, or C{None} if that
     cannot be known for this kind of transport.
 
-    For C{twisted.internet.tcp} connections it reads the write buffer directly
-    (C{len(dataBuffer) - offset + _tempDataLen}); for TLS it adds the cleartext still
-    waiting in the TLS layer to the TCP buffer below it; test transports (C{StringTransport})
-    count what C{value()} holds. Each is feature-detected, so another reactor or a new
-    Twisted degrades to "unknown" instead of failing.
+    For C{twisted.internet.tcp} connections (and UNIX sockets, which share their code) it
+    reads the write buffer directly (C{len(dataBuffer) - offset + _tempDataLen}). A wrapping
+    transport (TLS, the HAProxy wrapper) is measured below, plus for TLS the cleartext still
+    waiting in the TLS layer. Test transports (C{StringTransport}) count what C{value()}
+    holds. Any other transport that accepts a producer gets a L{PauseCounter} registered
+    on it. Each is feature-detected, so another reactor or a new Twisted degrades to the
+    fallback, or to "unknown", instead of failing.
     """
+    # Wrappers first: a ProtocolWrapper forwards unknown attributes to what it wraps, so
+    # it would pass for the TCP connection below while hiding its own buffer.
+    inner = getattr(transport, "transport", None)
+    if inner is not None and inner is not transport:
+        below = pending_output_probe(inner)
+        if below is None or isinstance(below, PauseCounter):
+            return None
+        if not isinstance(getattr(transport, "_appSendBuffer", None), list):
+            return below
+
+        def tls_pending() -> int:
+            return below() + sum(map(len, transport._appSendBuffer))
+
+        return tls_pending
     if all(hasattr(transport, a) for a in ("dataBuffer", "offset", "_tempDataLen")):
 
         def tcp_pending() -> int:
             return len(transport.dataBuffer) - transport.offset + transport._tempDataLen
 
         return tcp_pending
-    inner = getattr(transport, "transport", None)
-    if inner is not None and isinstance(getattr(transport, "_appSendBuffer", None), list):
-        below = pending_output_probe(inner)
-        if below is None:
-            return None
-
-        def tls_pending() -> int:
-            return below() + sum(map(len, transport._appSendBuffer))
-
-        return tls_pending
     value = getattr(transport, "value", None)
     if callable(value):
         return lambda: len(value())
+    register = getattr(transport, "registerProducer", None)
+    if register is not None and getattr(transport, "producer", None) is None:
+        counter = PauseCounter()
+        register(counter, True)
+        return counter
     return None
 
 
@@ -138,6 +181,7 @@ class ChatProtocol(ManagedProtocol):
     name = ""
     room: IRoom
     _closing = False
+    _counter: PauseCounter | None = None
     _leave_reason = ""
 
     # --- connection life ------------------------------------------------------------------
@@ -152,6 +196,7 @@ class ChatProtocol(ManagedProtocol):
         self._burst = limits.burst
         self._sendq = limits.sendq
         self._pending = pending_output_probe(self.transport) if limits.sendq else None
+        self._counter = self._pending if isinstance(self._pending, PauseCounter) else None
         if limits.sendq and self._pending is None:
             factory.log.info(
                 "--sendq is not enforced on {kind} transports",
@@ -204,7 +249,15 @@ class ChatProtocol(ManagedProtocol):
         # What is queued goes out before the last words, in order.
         self.flush()
         self._closing = True
+        self.release_transport()
         super().close(message)
+
+    def release_transport(self) -> None:
+        """Unregister the L{PauseCounter}, if any, so closing does not wait for it."""
+        if self._counter is not None and getattr(self.transport, "producer", None) is (
+            self._counter
+        ):
+            self.transport.unregisterProducer()
 
     def _idled(self) -> None:
         self._leave_reason = self._leave_reason or "idle timeout"
@@ -257,12 +310,15 @@ class ChatProtocol(ManagedProtocol):
                 if pending + len(data) - credit > self._sendq:
                     self._overflow(pending + len(data))
                     return
-                if pending:
-                    self.transport.write(data)
-                    return
             else:
                 # All sent: nothing of earlier exempt output can still be waiting.
                 self._credit = 0
+            if self._counter is not None:
+                self._counter.wrote(len(data))
+            if pending:
+                # Queued behind what is unsent anyway: no point trying to send now.
+                self.transport.write(data)
+                return
         write_now(self.transport, data)
 
     def _send_bulk(self, data: bytes) -> None:
@@ -281,6 +337,7 @@ class ChatProtocol(ManagedProtocol):
             pending=pending,
             cap=self._sendq,
         )
+        self.release_transport()
         abort = getattr(self.transport, "abortConnection", None)
         if abort is not None:
             # It is not reading: flushing a goodbye would only keep the memory held longer.

@@ -104,6 +104,8 @@ class ChatCloser(ConnectionCloser):
         self.factory.stopping = True
         # What people said this turn goes out before the notice, not after it.
         self.factory.flusher.flush()
+        for proto in self.factory.registry:
+            proto.release_transport()
         return super().stopService()
 
 
