@@ -417,6 +417,8 @@ def test_chat_over_tls_with_a_real_tls_client(twistd, tmp_path):
         f"ssl:0:interface=127.0.0.1:privateKey={key}:certKey={cert}",
         "--sendq",
         "65536",
+        "--rate",
+        "0",
     )
     port = server.port()
     server.wait_for_line(r"listening on 127\.0\.0\.1:\d+ \(ssl:")
@@ -426,11 +428,29 @@ def test_chat_over_tls_with_a_real_tls_client(twistd, tmp_path):
         alice.rename("alice")
         bob.send("/msg alice secret over TLS")
         assert alice.wait_for(b"[private]") == f"[private] {bob.name}: secret over TLS".encode()
-        # Alternating senders, 10 lines each: within --burst, as honest people talk.
         samples = [round_trip(alice, bob, f"tls-a{i}") for i in range(10)]
         samples += [round_trip(bob, alice, f"tls-b{i}") for i in range(10)]
         version = alice.sock.version()
-    print(f"TLS ({version}): round trips {latency_summary(samples)}")
+        # A TLS member that stops reading is cut off at --sendq too: the cap sees through
+        # the TLS layer to the TCP buffer below it. (bob leaves: he would not read either.)
+        bob.close()
+        alice.wait_for(b"has left")
+        raw = socket.socket()
+        raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        raw.connect(("127.0.0.1", port))
+        with context.wrap_socket(raw, server_hostname="localhost") as hog:
+            hog.recv(100)  # the welcome: it joined
+            lines = 0
+            # Bounded: 16 MB, more than the kernel buffers of both ends plus the cap.
+            while lines < 4000 and "over --sendq" not in server.output:
+                alice.send(*["t" * 4000] * 50)
+                lines += 50
+            cut = server.wait_for_line(r"disconnecting guest-\d+ \(127\.0\.0\.1:\d+\).*")
+        assert alice.wait_for(b"has left (not reading, send queue full)")
+    print(
+        f"TLS ({version}): round trips {latency_summary(samples)}; a non-reading TLS member"
+        f" cut off after {lines} lines of 4000 B: {cut.group(0)}"
+    )
     with socket.create_connection(("127.0.0.1", port)) as plain:
         plain.sendall(b"not tls\r\n")
         assert b"Welcome" not in recv_until_closed(plain)
