@@ -325,6 +325,21 @@ def test_one_turn_of_talk_reaches_each_member_in_one_write(pair):
     assert writes[bob_t][-1] is writes[carol_t][-1], "one message: one bytes object for all"
 
 
+def test_a_member_whose_send_fails_stops_no_one_else(pair, logged):
+    factory, clock, (alice, _), (_, bob_t) = pair
+    _carol, carol_t = join(factory)
+    take(bob_t), take(carol_t)
+
+    def broken(data):
+        raise OSError("send failed")
+
+    bob_t.write = broken
+    alice.dataReceived(b"still heard\n")
+    clock.advance(0)
+    assert take(carol_t) == ["guest-1: still heard"]
+    assert any("sending to guest-2 failed" in text for _, text in logged)
+
+
 def test_utf8_character_split_across_reads_survives(pair):
     _, _, (alice, _), (_, bob_t) = pair
     euro = "€".encode()
