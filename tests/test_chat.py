@@ -373,12 +373,20 @@ def test_blank_lines_are_not_broadcast_and_double_slash_escapes(pair):
 IAC, DO, DONT, WILL, WONT, SB, SE, IP = 255, 253, 254, 251, 252, 250, 240, 244
 
 
-def test_telnet_option_requests_are_refused_once_and_never_shown(pair):
+def test_telnet_option_requests_are_refused_and_never_shown(pair):
     _, _, (alice, alice_t), (_, bob_t) = pair
     negotiation = bytes([IAC, DO, 1, IAC, WILL, 31, IAC, WONT, 3, IAC, DONT, 5])
     alice.dataReceived(negotiation + b"hi" + negotiation + b"\r\n")
-    assert sent(alice_t) == bytes([IAC, WONT, 1, IAC, DONT, 31])
+    assert sent(alice_t) == bytes([IAC, WONT, 1, IAC, DONT, 31]) * 2
     assert take(bob_t) == ["guest-1: hi"]
+
+
+def test_every_ctrl_c_timing_mark_is_answered(pair):
+    """telnet discards all output after Ctrl-C until its DO TIMING-MARK is answered."""
+    _, _, (alice, alice_t), _ = pair
+    for _ in range(3):
+        alice.dataReceived(bytes([IAC, IP, IAC, DO, 6]))
+    assert sent(alice_t) == bytes([IAC, WONT, 6]) * 3
 
 
 def test_telnet_subnegotiation_and_commands_are_dropped_even_split(pair):

@@ -9,11 +9,15 @@ through L{write_now} (see L{Flusher}).
 
 Framing: a line ends at CR LF (telnet), CR NUL (telnet's bare CR), bare LF (nc) or bare CR.
 
-Telnet: IAC sequences never reach a line. The server refuses every option (C{DO x} is
-answered C{WONT x}, C{WILL x} is answered C{DONT x}, once per option, which cannot loop),
-drops C{WONT}/C{DONT}, other two-byte commands (Ctrl-C's C{IAC IP}, C{AYT}, ...) and whole
-subnegotiations, and keeps C{IAC IAC} as the data byte 0xFF (which is not UTF-8, so it
+Telnet: IAC sequences never reach a line. The server refuses every option: each C{DO x} is
+answered C{WONT x} and each C{WILL x} is answered C{DONT x}, every time (telnet's Ctrl-C sends
+C{IAC IP IAC DO TIMING-MARK} and discards all output until the answer arrives). It never
+asks for an option itself and never answers C{WONT}/C{DONT}, so no negotiation can loop
+(RFC 854, RFC 1143). Other two-byte commands (C{IAC IP}, C{AYT}, ...) and whole
+subnegotiations are dropped; C{IAC IAC} is the data byte 0xFF (which is not UTF-8, so it
 reads as U+FFFD). Nothing malformed raises: an unknown command byte is dropped with its IAC.
+The answers are ordinary output, so a client flooding requests without reading meets the
+send-queue cap.
 """
 
 from __future__ import annotations
@@ -42,9 +46,6 @@ _LINE_END = re.compile(rb"\r\n|\r\x00|\r|\n")
 #: C0 and C1 control characters other than TAB: shown to others they could drive their
 #: terminals (escape sequences, bells, clearing the screen), so they are removed.
 _CONTROLS = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f]")
-
-#: Most telnet option answers remembered per connection (each is answered at most once).
-_MAX_ANSWERED_OPTIONS = 512
 
 HELP_LINES = (
     "*** Type a line to say it to everyone. Commands (any case):",
@@ -211,7 +212,6 @@ class ChatProtocol(ManagedProtocol):
         self._discarding = False
         self._telnet_tail = b""
         self._in_subnegotiation = False
-        self._answered: set[bytes] = set()
         self._tokens = float(limits.burst)
         self._stamp = self._clock.seconds()
         self._warned = False
@@ -492,11 +492,7 @@ class ChatProtocol(ManagedProtocol):
         return b"".join(out)
 
     def _refuse_option(self, refusal: int, option: int) -> None:
-        answer = bytes((IAC, refusal, option))
-        if answer in self._answered or len(self._answered) >= _MAX_ANSWERED_OPTIONS:
-            return
-        self._answered.add(answer)
-        self._reply(answer)
+        self._reply(bytes((IAC, refusal, option)))
 
     # --- commands -------------------------------------------------------------------------
 
