@@ -1,0 +1,620 @@
+"""
+The chat protocol: one connection's framing, telnet bytes, commands and limits.
+
+Everything shared (names, history, delivery to others) goes through an L{IRoom}; this module
+only talks to the wire. It is written for throughput: whole chunks are split at once (no
+C{LineReceiver}, which re-scans its buffer for every line), consecutive plain lines of one
+chunk go to the room as one broadcast, and each member's output is sent once per reactor turn
+through L{write_now} (see L{Flusher}).
+
+Framing: a line ends at CR LF (telnet), CR NUL (telnet's bare CR), bare LF (nc) or bare CR.
+
+Telnet: IAC sequences never reach a line. The server refuses every option: each C{DO x} is
+answered C{WONT x} and each C{WILL x} is answered C{DONT x}, every time (telnet's Ctrl-C sends
+C{IAC IP IAC DO TIMING-MARK} and discards all output until the answer arrives). It never
+asks for an option itself and never answers C{WONT}/C{DONT}, so no negotiation can loop
+(RFC 854, RFC 1143). Other two-byte commands (C{IAC IP}, C{AYT}, ...) and whole
+subnegotiations are dropped; C{IAC IAC} is the data byte 0xFF (which is not UTF-8, so it
+reads as U+FFFD). Nothing malformed raises: an unknown command byte is dropped with its IAC.
+The answers are ordinary output, so a client flooding requests without reading meets the
+send-queue cap.
+"""
+
+from __future__ import annotations
+
+import re
+
+from attrs import frozen
+from twisted.internet import protocol
+from twisted.internet.interfaces import IPushProducer, IReactorTime
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from twistnet._connections import ConnectionRegistry, ManagedProtocol, peer_name
+from twistnet._writes import write_now
+from twistnet.chat.room import EOL, IMember, IRoom, encode_lines
+
+#: Telnet command bytes (RFC 854).
+IAC, SB, SE, WILL, WONT, DO, DONT = 255, 250, 240, 251, 252, 253, 254
+_IAC = b"\xff"
+_IAC_SE = b"\xff\xf0"
+_REFUSAL = {DO: WONT, WILL: DONT}
+
+#: Any line end; CR LF and CR NUL first so they count as one.
+_LINE_END = re.compile(rb"\r\n|\r\x00|\r|\n")
+
+#: C0 and C1 control characters other than TAB: shown to others they could drive their
+#: terminals (escape sequences, bells, clearing the screen), so they are removed.
+_CONTROLS = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f]")
+
+HELP_LINES = (
+    "*** Type a line to say it to everyone. Commands (any case):",
+    "***   /NAME new      change your name (alias /NICK)",
+    "***   /WHO           who is here",
+    "***   /ME action     say what you do, e.g. /ME waves",
+    "***   /MSG name text a private message to one person",
+    "***   /HELP          this list",
+    "***   /EXIT          leave (alias /QUIT)",
+    "***   //text         say a line that starts with /",
+)
+
+#: Names per /WHO line, so a long list arrives as lines a terminal shows well.
+WHO_NAMES_PER_LINE = 10
+
+
+@frozen
+class ChatLimits:
+    """
+    The per-connection limits.
+
+    @ivar max_line: longest line in bytes (without its line end) that is accepted.
+    @ivar rate: lines per second a client may send on average; C{0} turns the limit off.
+    @ivar burst: lines a client may send at once before the rate applies.
+    @ivar sendq: bytes that may wait unsent for a client before it is disconnected;
+        C{0} turns the cap off. The server's own bulk output is exempt.
+    """
+
+    max_line: int = 4096
+    rate: float = 10.0
+    burst: int = 20
+    sendq: int = 1024 * 1024
+
+
+@implementer(IPushProducer)
+class PauseCounter:
+    """
+    The fallback measure of unsent output, for a transport whose buffer cannot be read.
+
+    Registered as the transport's streaming producer, it is told when the transport's buffer
+    fills (C{pauseProducing}) and when it drains (C{resumeProducing}); what was written in
+    between is what waits beyond the transport's own buffer size. Calling it returns that.
+    """
+
+    def __init__(self) -> None:
+        self.paused = False
+        self.unsent = 0
+
+    def __call__(self) -> int:
+        return self.unsent
+
+    def wrote(self, count: int) -> None:
+        if self.paused:
+            self.unsent += count
+
+    def pauseProducing(self) -> None:
+        self.paused = True
+
+    def resumeProducing(self) -> None:
+        self.paused = False
+        self.unsent = 0
+
+    def stopProducing(self) -> None:
+        self.paused = False
+
+
+def pending_output_probe(transport):
+    """
+    A function returning how many bytes C{transport} holds unsent, or C{None} if that
+    cannot be known for this kind of transport.
+
+    For C{twisted.internet.tcp} connections (and UNIX sockets, which share their code) it
+    reads the write buffer directly (C{len(dataBuffer) - offset + _tempDataLen}). A wrapping
+    transport (TLS, the HAProxy wrapper) is measured below, plus for TLS the cleartext still
+    waiting in the TLS layer. Test transports (C{StringTransport}) count what C{value()}
+    holds. Any other transport that accepts a producer gets a L{PauseCounter} registered
+    on it. Each is feature-detected, so another reactor or a new Twisted degrades to the
+    fallback, or to "unknown", instead of failing.
+    """
+    # Wrappers first: a ProtocolWrapper forwards unknown attributes to what it wraps, so
+    # it would pass for the TCP connection below while hiding its own buffer.
+    inner = getattr(transport, "transport", None)
+    if inner is not None and inner is not transport:
+        below = pending_output_probe(inner)
+        if below is None or isinstance(below, PauseCounter):
+            return None
+        if not isinstance(getattr(transport, "_appSendBuffer", None), list):
+            return below
+
+        def tls_pending() -> int:
+            return below() + sum(map(len, transport._appSendBuffer))
+
+        return tls_pending
+    if all(hasattr(transport, a) for a in ("dataBuffer", "offset", "_tempDataLen")):
+
+        def tcp_pending() -> int:
+            return len(transport.dataBuffer) - transport.offset + transport._tempDataLen
+
+        return tcp_pending
+    value = getattr(transport, "value", None)
+    if callable(value):
+        return lambda: len(value())
+    register = getattr(transport, "registerProducer", None)
+    if register is not None and getattr(transport, "producer", None) is None:
+        counter = PauseCounter()
+        register(counter, True)
+        return counter
+    return None
+
+
+def _no_delay(transport) -> None:
+    """
+    Turn Nagle's algorithm off: chat lines are small and interactive, and output is already
+    batched once per reactor turn, so holding a line back for an ACK (up to the peer's
+    delayed-ACK 40 ms) only adds latency. Through a TLS wrapper, the TCP transport below.
+    """
+    for candidate in (transport, getattr(transport, "transport", None)):
+        set_no_delay = getattr(candidate, "setTcpNoDelay", None)
+        if set_no_delay is not None:
+            try:
+                set_no_delay(True)
+            except OSError:
+                pass  # already closed, or not TCP after all: nothing to tune
+            return
+
+
+@implementer(IMember)
+class ChatProtocol(ManagedProtocol):
+    """One person in the chat, as seen from their connection."""
+
+    full_message = b"*** The chat room is full, try again later.\r\n"
+    idle_message = b"*** You sent nothing for too long (idle timeout). Goodbye.\r\n"
+
+    name = ""
+    room: IRoom
+    _closing = False
+    _counter: PauseCounter | None = None
+    _leave_reason = ""
+
+    # --- connection life ------------------------------------------------------------------
+
+    def connectionAdmitted(self) -> None:
+        factory = self.factory
+        limits: ChatLimits = factory.limits
+        self.room = factory.room
+        self._clock: IReactorTime = factory.registry.clock
+        self._max_line = limits.max_line
+        self._rate = limits.rate
+        self._burst = limits.burst
+        self._sendq = limits.sendq
+        self._pending = pending_output_probe(self.transport) if limits.sendq else None
+        self._counter = self._pending if isinstance(self._pending, PauseCounter) else None
+        if limits.sendq and self._pending is None:
+            factory.log.info(
+                "--sendq is not enforced on {kind} transports",
+                kind=type(self.transport).__name__,
+            )
+        _no_delay(self.transport)
+        self._out: list[bytes] | None = None
+        self._credit = 0
+        self._exempt_queued = 0
+        self._buffer = b""
+        self._after_cr = False
+        self._discarding = False
+        self._telnet_tail = b""
+        self._in_subnegotiation = False
+        self._tokens = float(limits.burst)
+        self._stamp = self._clock.seconds()
+        self._warned = False
+        self._dropped = 0
+        name = self.room.join(self)
+        factory.log.info("{peer} joined as {name}", peer=peer_name(self.transport), name=name)
+        self._send_bulk(self._welcome(name))
+
+    def _welcome(self, name: str) -> bytes:
+        here = self.room.count()
+        lines = [
+            f"*** Welcome to twistnet chat, {name}! {here} here now."
+            " /NAME yourname to pick a name, /HELP for commands.",
+        ]
+        history = self.room.history()
+        if history:
+            lines.append(f"*** The last {len(history)} messages:")
+            return encode_lines(lines) + b"".join(history) + encode_lines(["*** (end)"])
+        return encode_lines(lines)
+
+    def connectionClosed(self, reason) -> None:
+        if not self.admitted:
+            return
+        self._closing = True
+        stopping = getattr(self.factory, "stopping", False)
+        self.room.leave(self, self._leave_reason, announce=not stopping)
+        self.factory.log.info(
+            "{name} ({peer}) left{why}",
+            name=self.name,
+            peer=peer_name(self.transport),
+            why=f": {self._leave_reason}" if self._leave_reason else "",
+        )
+
+    def close(self, message: bytes = b"") -> None:
+        # What is queued goes out before the last words, in order.
+        self.flush()
+        self._closing = True
+        self.release_transport()
+        super().close(message)
+
+    def release_transport(self) -> None:
+        """Unregister the L{PauseCounter}, if any, so closing does not wait for it."""
+        if self._counter is not None and getattr(self.transport, "producer", None) is (
+            self._counter
+        ):
+            self.transport.unregisterProducer()
+
+    def _idled(self) -> None:
+        self._leave_reason = self._leave_reason or "idle timeout"
+        super()._idled()
+
+    # --- output ---------------------------------------------------------------------------
+
+    def deliver(self, encoded: bytes) -> None:
+        """L{IMember.deliver}: queue C{encoded} for this reactor turn's flush."""
+        if self._closing:
+            return
+        out = self._out
+        if out is None:
+            self._out = [encoded]
+            self.factory.flusher.mark(self)
+        else:
+            out.append(encoded)
+
+    def _reply(self, data: bytes, exempt: bool = False) -> None:
+        """
+        Queue the server's own output for this client, in order with what others said.
+        C{exempt} output (welcome, history, /WHO, /HELP) may overrun the send-queue cap by
+        its own size, so an honest client never trips the cap on the server's bulk output.
+        """
+        if exempt and len(data) > self._exempt_queued:
+            self._exempt_queued = len(data)
+        self.deliver(data)
+
+    def flush(self) -> None:
+        """
+        Send what was queued since the last flush in one write, unless that would leave
+        more than --sendq bytes unsent (the server's exempt bulk output not counted).
+        """
+        out = self._out
+        self._out = None
+        if self._closing or not out:
+            return
+        data = out[0] if len(out) == 1 else b"".join(out)
+        probe = self._pending
+        if probe is not None:
+            pending = probe()
+            exempt = self._exempt_queued
+            self._exempt_queued = 0
+            if pending or exempt:
+                # What is still unsent of earlier exempt output is at most all that is
+                # unsent. One exempt burst at a time is allowed: taking the max rather
+                # than the sum means a client repeating /WHO without reading still trips.
+                credit = max(min(self._credit, pending), exempt)
+                self._credit = credit
+                if pending + len(data) - credit > self._sendq:
+                    self._overflow(pending + len(data))
+                    return
+            else:
+                # All sent: nothing of earlier exempt output can still be waiting.
+                self._credit = 0
+            if self._counter is not None:
+                self._counter.wrote(len(data))
+            if pending:
+                # Queued behind what is unsent anyway: no point trying to send now.
+                self.transport.write(data)
+                return
+        write_now(self.transport, data)
+
+    def _send_bulk(self, data: bytes) -> None:
+        self._reply(data, exempt=True)
+
+    def _notice(self, *lines: str) -> None:
+        self._reply(encode_lines(lines))
+
+    def _overflow(self, pending: int) -> None:
+        self._closing = True
+        self._leave_reason = "not reading, send queue full"
+        self.factory.log.warn(
+            "disconnecting {name} ({peer}): {pending} bytes unsent, over --sendq {cap}",
+            name=self.name,
+            peer=peer_name(self.transport),
+            pending=pending,
+            cap=self._sendq,
+        )
+        self.release_transport()
+        abort = getattr(self.transport, "abortConnection", None)
+        if abort is not None:
+            # It is not reading: flushing a goodbye would only keep the memory held longer.
+            abort()
+        else:
+            self.transport.loseConnection()
+
+    # --- input ----------------------------------------------------------------------------
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._closing:
+            return
+        if self._telnet_tail or self._in_subnegotiation or _IAC in data:
+            data = self._strip_telnet(self._telnet_tail + data)
+        if not data:
+            return
+        if self._after_cr:
+            self._after_cr = False
+            if data[0] in (0, 10):
+                data = data[1:]
+        if b"\r" in data:
+            self._after_cr = data.endswith(b"\r")
+            parts = _LINE_END.split(data)
+        else:
+            parts = data.split(b"\n")
+        tail = parts.pop()
+        if parts:
+            if self._discarding:
+                # The end of a line already refused as overlong.
+                self._discarding = False
+                del parts[0]
+            elif self._buffer:
+                parts[0] = self._buffer + parts[0]
+            self._buffer = tail
+        elif not self._discarding:
+            self._buffer += tail
+        if len(self._buffer) > self._max_line:
+            self._buffer = b""
+            self._discarding = True
+            self._refuse_overlong()
+        if parts:
+            # Only complete lines count as activity: a client trickling bytes of a line it
+            # never finishes idles out (the slowloris defence).
+            self.idle.touch()
+            self._lines(parts)
+
+    def _lines(self, lines: list[bytes]) -> None:
+        rate = self._rate
+        if rate:
+            now = self._clock.seconds()
+            tokens = self._tokens + (now - self._stamp) * rate
+            self._stamp = now
+            if tokens >= self._burst:
+                tokens = float(self._burst)
+                self._warned = False
+                self._dropped = 0
+            self._tokens = tokens
+        max_line = self._max_line
+        batch: list[str] = []
+        for raw in lines:
+            if self._closing:
+                break
+            if rate:
+                if self._tokens < 1:
+                    self._over_rate()
+                    continue
+                self._tokens -= 1
+            if len(raw) > max_line:
+                self._refuse_overlong()
+                continue
+            text = _CONTROLS.sub("", raw.decode("utf-8", "replace"))
+            if text[:1] == "/":
+                if text[:2] != "//":
+                    if batch:
+                        self.room.broadcast(self, batch)
+                        batch = []
+                    self._command(text)
+                    continue
+                text = text[1:]
+            if text and not text.isspace():
+                batch.append(f"{self.name}: {text}")
+        if batch:
+            self.room.broadcast(self, batch)
+
+    def _refuse_overlong(self) -> None:
+        self._notice(f"*** Line too long (over {self._max_line} bytes): not sent.")
+
+    def _over_rate(self) -> None:
+        self._dropped += 1
+        if not self._warned:
+            self._warned = True
+            self._notice(
+                f"*** You are sending too fast (over {self._rate:g} lines a second):"
+                " lines dropped. Slow down or you will be disconnected."
+            )
+        elif self._dropped > self._burst:
+            self._leave_reason = "flooding"
+            self.factory.log.info(
+                "disconnecting {name} ({peer}): still over --rate {rate} after a warning",
+                name=self.name,
+                peer=peer_name(self.transport),
+                rate=self._rate,
+            )
+            self.close(encode_lines(["*** Disconnected: still sending too fast after a warning."]))
+
+    def _strip_telnet(self, data: bytes) -> bytes:
+        """C{data} without telnet commands; answers option requests; keeps a split tail."""
+        self._telnet_tail = b""
+        out = []
+        start = 0
+        end = len(data)
+        if self._in_subnegotiation:
+            found = data.find(_IAC_SE)
+            if found < 0:
+                # Swallowed whole; keep a final IAC in case its SE comes next.
+                if data.endswith(_IAC):
+                    self._telnet_tail = _IAC
+                return b""
+            self._in_subnegotiation = False
+            start = found + 2
+        while start < end:
+            at = data.find(_IAC, start)
+            if at < 0:
+                out.append(data[start:])
+                break
+            out.append(data[start:at])
+            if at + 1 >= end:
+                self._telnet_tail = data[at:]
+                break
+            command = data[at + 1]
+            if command == IAC:
+                out.append(_IAC)
+                start = at + 2
+            elif command in (WILL, WONT, DO, DONT):
+                if at + 2 >= end:
+                    self._telnet_tail = data[at:]
+                    break
+                refusal = _REFUSAL.get(command)
+                if refusal is not None:
+                    self._refuse_option(refusal, data[at + 2])
+                start = at + 3
+            elif command == SB:
+                found = data.find(_IAC_SE, at + 2)
+                if found < 0:
+                    self._in_subnegotiation = True
+                    if data.endswith(_IAC):
+                        self._telnet_tail = _IAC
+                    break
+                start = found + 2
+            else:
+                start = at + 2
+        return b"".join(out)
+
+    def _refuse_option(self, refusal: int, option: int) -> None:
+        self._reply(bytes((IAC, refusal, option)))
+
+    # --- commands -------------------------------------------------------------------------
+
+    def _command(self, text: str) -> None:
+        word, _, rest = text[1:].partition(" ")
+        handler = _COMMANDS.get(word.upper())
+        if handler is None:
+            self._notice(f"*** Unknown command /{word}. /HELP lists the commands.")
+            return
+        handler(self, rest.strip())
+
+    def _cmd_name(self, new: str) -> None:
+        if not new:
+            self._notice(f"*** You are {self.name}. To change it: /NAME newname")
+            return
+        old = self.name
+        problem = self.room.rename(self, new)
+        if problem:
+            self._notice(f"*** Cannot take the name {new!r}: {problem}.")
+            return
+        self.factory.log.info("{old} is now {new}", old=old, new=new)
+
+    def _cmd_who(self, _: str) -> None:
+        names = self.room.who()
+        lines = [f"*** {len(names)} here:"]
+        for i in range(0, len(names), WHO_NAMES_PER_LINE):
+            lines.append("***   " + " ".join(names[i : i + WHO_NAMES_PER_LINE]))
+        self._send_bulk(encode_lines(lines))
+
+    def _cmd_me(self, action: str) -> None:
+        if not action:
+            self._notice("*** Usage: /ME action, e.g. /ME waves")
+            return
+        self.room.broadcast(self, [f"* {self.name} {action}"])
+
+    def _cmd_msg(self, rest: str) -> None:
+        recipient, _, text = rest.partition(" ")
+        text = text.strip()
+        if not recipient or not text:
+            self._notice("*** Usage: /MSG name text")
+            return
+        if not self.room.private(self, recipient, text):
+            self._notice(f"*** No one here is called {recipient}.")
+            return
+        self._notice(f"[private to {recipient}] {text}")
+
+    def _cmd_exit(self, _: str) -> None:
+        self._leave_reason = "quit"
+        self.room.leave(self, "quit")
+        self.close(encode_lines([f"*** Goodbye, {self.name}."]))
+
+    def _cmd_help(self, _: str) -> None:
+        self._send_bulk(encode_lines(HELP_LINES))
+
+
+_COMMANDS = {
+    "NAME": ChatProtocol._cmd_name,
+    "NICK": ChatProtocol._cmd_name,
+    "WHO": ChatProtocol._cmd_who,
+    "ME": ChatProtocol._cmd_me,
+    "MSG": ChatProtocol._cmd_msg,
+    "EXIT": ChatProtocol._cmd_exit,
+    "QUIT": ChatProtocol._cmd_exit,
+    "HELP": ChatProtocol._cmd_help,
+}
+
+
+class Flusher:
+    """
+    Sends every member's queued output once per reactor turn.
+
+    Deliveries are queued per member and flushed by one delayed call at the end of the
+    turn: when ten people speak in the same turn, each member gets one write of ten lines
+    instead of ten writes, and a single message still goes out as the one bytes object
+    the room encoded. Each member is flushed on its own, so one failure stops no one else.
+    """
+
+    log = Logger()
+
+    def __init__(self, clock: IReactorTime) -> None:
+        self._clock = clock
+        self._dirty: list[ChatProtocol] = []
+        self._call = None
+
+    def mark(self, member: ChatProtocol) -> None:
+        self._dirty.append(member)
+        if self._call is None:
+            self._call = self._clock.callLater(0, self.flush)
+
+    def flush(self) -> None:
+        self._call = None
+        dirty, self._dirty = self._dirty, []
+        for member in dirty:
+            try:
+                member.flush()
+            except Exception:
+                self.log.failure("sending to {name} failed", name=member.name)
+
+
+class ChatFactory(protocol.Factory):
+    """Builds L{ChatProtocol}s sharing one room, one set of limits and one registry."""
+
+    protocol = ChatProtocol
+    log = Logger()
+    noisy = False
+
+    #: Set while the service stops: leaving members are then not announced one by one.
+    stopping = False
+
+    def __init__(
+        self,
+        room: IRoom,
+        limits: ChatLimits | None = None,
+        max_connections: int = 0,
+        idle_timeout: float = 0.0,
+        clock: IReactorTime | None = None,
+    ) -> None:
+        self.room = room
+        self.limits = limits if limits is not None else ChatLimits()
+        self.registry = ConnectionRegistry(max_connections, clock)
+        self.flusher = Flusher(self.registry.clock)
+        self.idle_timeout = idle_timeout
+
+
+__all__ = ["EOL", "ChatFactory", "ChatLimits", "ChatProtocol", "pending_output_probe"]

@@ -1,0 +1,129 @@
+"""The twistd face of the chat: C{twistd -n twistnet-chat [--port 12345] [limits]}."""
+
+from __future__ import annotations
+
+from twisted.application.service import MultiService
+from twisted.python import usage
+
+from twistnet._connections import ConnectionCloser
+from twistnet._tap import (
+    ServiceOptions,
+    ServiceRoot,
+    connection_options,
+    listening_services,
+    non_negative_float,
+    non_negative_int,
+    positive_int,
+)
+from twistnet.chat.protocol import ChatFactory, ChatLimits
+from twistnet.chat.room import Room, encode_lines
+
+#: The port of the README's quick start, above 1024 so any user can run it.
+DEFAULT_PORT = 12345
+
+#: What everyone reads when the server stops (SIGTERM).
+SHUTDOWN_NOTICE = encode_lines(["*** The server is shutting down. Goodbye."])
+
+_DEFAULTS = ChatLimits()
+
+
+class Options(ServiceOptions):
+    """twistd -n twistnet-chat [--port 12345] [--max-clients N] [--rate 10] ..."""
+
+    synopsis = "[options]"
+    longdesc = (
+        "A broadcast chat for telnet and nc: every line goes to everyone else in the room. "
+        f"Listens on TCP port {DEFAULT_PORT} on all interfaces unless --port or --listen says "
+        "otherwise. /HELP in the chat lists the commands."
+    )
+    default_port = DEFAULT_PORT
+    optParameters = [
+        *connection_options(),
+        [
+            "max-clients",
+            None,
+            None,
+            "Most people in the room at once; the next is told the room is full "
+            "(same as --max-connections, which it overrides)",
+            non_negative_int,
+        ],
+        [
+            "history",
+            None,
+            20,
+            "Recent messages shown to a newcomer (0 = none).",
+            non_negative_int,
+        ],
+        [
+            "max-line",
+            None,
+            _DEFAULTS.max_line,
+            "Longest line in bytes; a longer one is refused with a message, the connection kept.",
+            positive_int,
+        ],
+        [
+            "rate",
+            None,
+            _DEFAULTS.rate,
+            "Lines per second a client may send on average; a flooder is warned, then "
+            "disconnected (0 = no limit).",
+            non_negative_float,
+        ],
+        [
+            "burst",
+            None,
+            _DEFAULTS.burst,
+            "Lines a client may send at once before --rate applies.",
+            positive_int,
+        ],
+        [
+            "sendq",
+            None,
+            _DEFAULTS.sendq,
+            "Bytes that may wait unsent for a client that does not read before it is "
+            "disconnected (0 = no cap).",
+            non_negative_int,
+        ],
+    ]
+
+    def postOptions(self) -> None:
+        if self["max-clients"] is not None:
+            self["max-connections"] = self["max-clients"]
+
+
+class ChatCloser(ConnectionCloser):
+    """On stop, tells everyone the server is shutting down, then closes every connection."""
+
+    def __init__(self, factory: ChatFactory) -> None:
+        super().__init__(factory.registry, SHUTDOWN_NOTICE)
+        self.factory = factory
+
+    def stopService(self):
+        # Everyone is leaving at once: announcing each departure to all the others would
+        # be N*N lines nobody reads.
+        self.factory.stopping = True
+        # What people said this turn goes out before the notice, not after it.
+        self.factory.flusher.flush()
+        for proto in self.factory.registry:
+            proto.release_transport()
+        return super().stopService()
+
+
+def makeService(options: usage.Options, reactor=None) -> MultiService:
+    limits = ChatLimits(
+        max_line=options["max-line"],
+        rate=options["rate"],
+        burst=options["burst"],
+        sendq=options["sendq"],
+    )
+    factory = ChatFactory(
+        Room(history_size=options["history"]),
+        limits,
+        max_connections=options["max-connections"],
+        idle_timeout=options["idle-timeout"],
+        clock=reactor,
+    )
+    top = ServiceRoot("twistnet-chat", reactor)
+    ChatCloser(factory).setServiceParent(top)
+    listening_services("twistnet-chat", options.endpoint_descriptions(), factory, reactor, top)
+    return top
