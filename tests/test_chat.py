@@ -753,7 +753,7 @@ def parse(*argv):
 
 def test_options_defaults():
     options = parse()
-    assert options.endpoint_descriptions() == ["tcp:12345"]
+    assert options.endpoint_descriptions() == ["tcp:12345:backlog=511"]
     assert options["max-connections"] == 1000
     assert options["idle-timeout"] == 0.0
     assert (options["history"], options["max-line"], options["rate"]) == (20, 4096, 10.0)
@@ -771,7 +771,7 @@ def test_each_option_is_parsed():
         "--burst=3",
         "--sendq=0",
     )
-    assert options.endpoint_descriptions() == ["tcp:2000"]
+    assert options.endpoint_descriptions() == ["tcp:2000:backlog=511"]
     assert options["max-connections"] == 7
     assert options["idle-timeout"] == 30.0
     assert (options["history"], options["max-line"], options["rate"]) == (5, 100, 0.5)

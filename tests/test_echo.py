@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import socket
 import threading
 import time
@@ -322,3 +323,12 @@ def test_port_in_use_exits_nonzero_with_one_clear_line(twistd):
     assert f"twistnet-echo: cannot listen on 127.0.0.1:{port}" in output
     assert "Traceback" not in output
     wait_until(lambda: first.proc.poll() is None)
+
+
+def test_a_second_sigterm_during_shutdown_changes_nothing(twistd):
+    server = twistd("twistnet-echo", "--listen", "tcp:0:interface=127.0.0.1")
+    server.port()
+    server.proc.send_signal(signal.SIGTERM)
+    server.proc.send_signal(signal.SIGTERM)
+    assert server.terminate() == 0
+    assert "Traceback" not in server.output

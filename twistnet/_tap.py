@@ -177,12 +177,18 @@ class ServiceRoot(MultiService):
     def startService(self) -> None:
         super().startService()
         if self._reactor is None:
-            # Only under the real, global reactor (twistd), never a test's fake one.
+            # Only under the real, global reactor (twistd), never a test's fake one. Twisted
+            # installs its own handlers as the reactor starts: take SIGTERM back after that.
             from twisted.internet import reactor
 
             reactor.callWhenRunning(_exit_zero_on_sigterm, reactor, self.service_name)
 
     def privilegedStartService(self) -> None:
+        if self._reactor is None:
+            # From before the first port is bound, so a SIGTERM at any moment is a clean stop.
+            from twisted.internet import reactor
+
+            _exit_zero_on_sigterm(reactor, self.service_name)
         try:
             super().privilegedStartService()
         except CannotListenError as error:
@@ -201,10 +207,17 @@ def _exit_zero_on_sigterm(reactor, name: str) -> None:
     """
 
     def on_sigterm(signum, frame) -> None:
+        # A second SIGTERM (a supervisor and `uv run` both forwarding one) changes nothing.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         log.info("{service} received SIGTERM, shutting down", service=name)
-        reactor.callFromThread(reactor.stop)
+        reactor.callFromThread(_stop, reactor)
 
     signal.signal(signal.SIGTERM, on_sigterm)
+
+
+def _stop(reactor) -> None:
+    if reactor.running:
+        reactor.stop()
 
 
 @implementer(IStreamServerEndpoint)
