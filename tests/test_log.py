@@ -5,6 +5,12 @@ from __future__ import annotations
 import errno
 import json
 import os
+import signal
+import socket
+import threading
+import time
+from collections import Counter
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -13,6 +19,7 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.logger import capturedLogs, formatEvent
 from twisted.python import usage
 
+from helpers import WAIT_SECONDS, connect, recv_until_closed, run_twistd, wait_until
 from twistnet.log import Options, makeService
 from twistnet.log import sink as sink_module
 from twistnet.log.protocol import LineLogFactory, LineLogProtocol, has_overlong_line
@@ -486,3 +493,171 @@ def test_make_service_refuses_an_unopenable_file(tmp_path):
     options = parse("--file", str(tmp_path / "no" / "such" / "dir.log"))
     with pytest.raises(SystemExit, match=r"cannot open log file .*No such file or directory"):
         makeService(options, reactor=MemoryReactorClock())
+
+
+# --- end to end: twistd as a child process ----------------------------------------------------
+
+
+def start_log_server(twistd, tmp_path, *args: str):
+    """twistd -n twistnet-log on 127.0.0.1 in C{tmp_path}, writing the default lines.log."""
+    server = twistd("twistnet-log", "--listen", "tcp:0:interface=127.0.0.1", *args, cwd=tmp_path)
+    server.tcp_port = server.port()
+    server.path = tmp_path / "lines.log"
+    return server
+
+
+def client_lines(client: int, count: int) -> list[bytes]:
+    return [b"client %d line %d %s" % (client, n, b"x" * (n % 50)) for n in range(count)]
+
+
+def client_payload(lines: list[bytes]) -> bytes:
+    """CR LF and LF mixed, the last line without any newline."""
+    endings = [b"\r\n" if n % 3 == 0 else b"\n" for n in range(len(lines) - 1)] + [b""]
+    return b"".join(line + ending for line, ending in zip(lines, endings, strict=True))
+
+
+def send_and_close(port: int, payload: bytes, piece: int = 1000) -> None:
+    """Send C{payload} in odd pieces, half-close, and wait until the server closed too."""
+    with connect(port) as sock:
+        for start in range(0, len(payload), piece):
+            sock.sendall(payload[start : start + piece])
+        sock.shutdown(socket.SHUT_WR)
+        recv_until_closed(sock)
+
+
+def run_clients(port: int, payloads: list[bytes]) -> None:
+    errors: list[BaseException] = []
+
+    def run(payload: bytes, piece: int) -> None:
+        try:
+            send_and_close(port, payload, piece)
+        except BaseException as error:  # surfaced in the test thread below
+            errors.append(error)
+
+    threads = [
+        threading.Thread(target=run, args=(payload, 997 + 13 * n))
+        for n, payload in enumerate(payloads)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(WAIT_SECONDS)
+    assert not errors, errors
+    assert not any(thread.is_alive() for thread in threads)
+
+
+def logged_lines(*paths: Path) -> list[bytes]:
+    lines: list[bytes] = []
+    for path in paths:
+        data = path.read_bytes() if path.exists() else b""
+        assert not data or data.endswith(b"\n"), f"{path} ends inside a line"
+        lines += data.splitlines()
+    return lines
+
+
+def wait_for_lines(expected: list[bytes], paths) -> list[bytes]:
+    """Bounded poll until the files hold as many lines as expected; returns them."""
+    wait_until(lambda: len(logged_lines(*paths())) >= len(expected))
+    return logged_lines(*paths())
+
+
+TEN_CLIENTS = [client_lines(client, 2000) for client in range(10)]
+
+
+def test_ten_concurrent_clients_every_line_once_and_whole_while_running(twistd, tmp_path):
+    server = start_log_server(twistd, tmp_path)
+    run_clients(server.tcp_port, [client_payload(lines) for lines in TEN_CLIENTS])
+    expected = [line for lines in TEN_CLIENTS for line in lines]
+    found = wait_for_lines(expected, lambda: [server.path])
+    assert Counter(found) == Counter(expected)
+    assert server.proc.poll() is None, "checked while the server still runs"
+    for client, lines in enumerate(TEN_CLIENTS):  # each client's lines in the order sent
+        assert [line for line in found if line.split(b" ")[1] == b"%d" % client] == lines
+
+
+def test_nothing_is_lost_when_the_server_is_killed_a_moment_later(twistd, tmp_path):
+    server = start_log_server(twistd, tmp_path)
+    run_clients(server.tcp_port, [client_payload(lines) for lines in TEN_CLIENTS])
+    # Every client saw the server close, so the server read all of it (final lines included,
+    # written just before); a sentinel read after that proves its turn is over.
+    send_and_close(server.tcp_port, b"sentinel\n")
+    wait_until(lambda: b"sentinel\n" in server.path.read_bytes())
+    server.kill()
+    assert server.proc.returncode == -signal.SIGKILL
+    expected = [line for lines in TEN_CLIENTS for line in lines] + [b"sentinel"]
+    assert Counter(logged_lines(server.path)) == Counter(expected)
+
+
+def test_rotation_under_load_loses_and_splits_nothing(twistd, tmp_path):
+    server = start_log_server(
+        twistd, tmp_path, "--rotate-bytes", "64K", "--keep", "1000", "--max-line", "1K"
+    )
+    run_clients(server.tcp_port, [client_payload(lines) for lines in TEN_CLIENTS])
+    expected = [line for lines in TEN_CLIENTS for line in lines]
+
+    def files():
+        return [*sorted(tmp_path.glob("lines.log.*")), server.path]
+
+    found = wait_for_lines(expected, files)
+    assert Counter(found) == Counter(expected)
+    rotated = files()[:-1]
+    assert len(rotated) >= 10, f"only {len(rotated)} rotations for {sum(map(len, expected))} B"
+    assert all(path.stat().st_size <= 64 * 1024 for path in rotated)
+    assert server.terminate() == 0
+
+
+def test_json_rows_parse_with_peer_and_unterminated_last_line(twistd, tmp_path):
+    server = start_log_server(twistd, tmp_path, "--format", "json")
+    texts = [b'caf\xc3\xa9 "quoted"', b"\xff not utf-8", b"tab\there", b"last"]
+    send_and_close(server.tcp_port, b'caf\xc3\xa9 "quoted"\r\n\xff not utf-8\ntab\there\nlast')
+    rows = wait_until(lambda: len(server.path.read_bytes().splitlines()) >= 4 and rows_of(server))
+    assert [row["text"] for row in rows] == [
+        'café "quoted"',
+        "\\xff not utf-8",
+        "tab\there",
+        "last",
+    ]
+    assert len(rows) == len(texts)
+    assert all(row["peer"].startswith("127.0.0.1:") for row in rows)
+    assert [row.get("unterminated", False) for row in rows] == [False, False, False, True]
+    assert rows[1]["invalid_utf8"] is True
+    for row in rows:
+        stamp = datetime.fromisoformat(row["time"].replace("Z", "+00:00"))
+        assert abs(stamp.timestamp() - time.time()) < 60
+
+
+def rows_of(server) -> list[dict]:
+    return [json.loads(row) for row in server.path.read_bytes().splitlines()]
+
+
+@pytest.mark.parametrize(
+    ("path", "reason"),
+    [("missing-dir/lines.log", "No such file or directory"), (".", "Is a directory")],
+)
+def test_unopenable_file_is_refused_with_one_line_and_nonzero_exit(tmp_path, path, reason):
+    result = run_twistd("twistnet-log", "--port", "0", "--file", path, cwd=tmp_path)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert f"twistnet-log: cannot open log file {tmp_path}" in output
+    assert reason in output
+    assert "Traceback" not in output
+
+
+@pytest.mark.parametrize("signum", [signal.SIGHUP, signal.SIGUSR1])
+def test_signal_reopens_the_file_after_an_external_rename(twistd, tmp_path, signum):
+    server = start_log_server(twistd, tmp_path)
+    server.wait_for_line("reopens .* on SIGHUP or SIGUSR1")
+    with connect(server.tcp_port) as sock:
+        sock.sendall(b"before rotation\n")
+        wait_until(lambda: server.path.read_bytes() == b"before rotation\n")
+        server.path.rename(tmp_path / "lines.log.1")  # what logrotate does
+        sock.sendall(b"still to the renamed file\n")
+        wait_until(lambda: (tmp_path / "lines.log.1").read_bytes().count(b"\n") == 2)
+        server.proc.send_signal(signum)
+        server.wait_for_line("reopening .*lines.log")
+        sock.sendall(b"after reopen\n")
+        wait_until(lambda: server.path.exists() and server.path.read_bytes() == b"after reopen\n")
+    assert (
+        tmp_path / "lines.log.1"
+    ).read_bytes() == b"before rotation\nstill to the renamed file\n"
+    assert server.terminate() == 0
