@@ -6,20 +6,28 @@ import errno
 import json
 import os
 import signal
-import socket
-import threading
 import time
 from collections import Counter
 from datetime import datetime
 from pathlib import Path
 
 import pytest
+from log_helpers import (
+    client_lines,
+    client_payload,
+    logged_lines,
+    rows_of,
+    run_clients,
+    send_and_close,
+    start_log_server,
+    wait_for_lines,
+)
 from twisted.internet import defer, task
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.logger import capturedLogs, formatEvent
 from twisted.python import usage
 
-from helpers import WAIT_SECONDS, connect, recv_until_closed, run_twistd, wait_until
+from helpers import connect, run_twistd, wait_until
 from twistnet.log import Options, makeService
 from twistnet.log import sink as sink_module
 from twistnet.log.protocol import LineLogFactory, LineLogProtocol, has_overlong_line
@@ -167,7 +175,7 @@ def test_overlong_line_spread_over_chunks_is_held_bounded_and_truncated(tmp_path
         proto.dataReceived(b"y" * 100)
         assert len(proto._partial) + len(proto._kept or b"") <= 11
     proto.dataReceived(b"zz\r\nnext\n")
-    assert file_bytes(factory) == (b"ok\n0123456yyy [truncated: line of 100010 bytes]\nnext\n")
+    assert file_bytes(factory) == (b"ok\n0123456yyy [truncated: line of 100009 bytes]\nnext\n")
     assert not transport.disconnecting
 
 
@@ -394,7 +402,7 @@ def test_disk_full_pauses_every_client_keeps_bytes_and_recovers_in_order(tmp_pat
     assert clock.getDelayedCalls() == []
 
 
-def test_partial_write_then_error_holds_only_the_rest(tmp_path):
+def test_partial_write_then_error_leaves_no_broken_line_and_holds_it_whole(tmp_path):
     class HalfThenFail(CountingWriter):
         def __call__(self, fd, data):
             if self.calls == 0:
@@ -403,13 +411,15 @@ def test_partial_write_then_error_holds_only_the_rest(tmp_path):
             return super().__call__(fd, data)
 
     writer = HalfThenFail()
-    writer.error = OSError(errno.EIO, "Input/output error")
+    writer.error = OSError(errno.ENOSPC, "No space left on device")
     factory, clock = make_factory(tmp_path, writer=writer)
+    Path(factory.sink.path).write_bytes(b"earlier\n")
     factory.sink.write(b"0123456789\n")
-    assert file_bytes(factory) == b"01234"
+    assert file_bytes(factory) == b"earlier\n", "the 5 bytes that went out were taken back"
+    assert factory.sink.blocked
     writer.error = None
     clock.advance(sink_module.RETRY_SECONDS)
-    assert file_bytes(factory) == b"0123456789\n"
+    assert file_bytes(factory) == b"earlier\n0123456789\n"
 
 
 def test_close_while_blocked_logs_the_bytes_lost(tmp_path):
@@ -498,69 +508,6 @@ def test_make_service_refuses_an_unopenable_file(tmp_path):
 # --- end to end: twistd as a child process ----------------------------------------------------
 
 
-def start_log_server(twistd, tmp_path, *args: str):
-    """twistd -n twistnet-log on 127.0.0.1 in C{tmp_path}, writing the default lines.log."""
-    server = twistd("twistnet-log", "--listen", "tcp:0:interface=127.0.0.1", *args, cwd=tmp_path)
-    server.tcp_port = server.port()
-    server.path = tmp_path / "lines.log"
-    return server
-
-
-def client_lines(client: int, count: int) -> list[bytes]:
-    return [b"client %d line %d %s" % (client, n, b"x" * (n % 50)) for n in range(count)]
-
-
-def client_payload(lines: list[bytes]) -> bytes:
-    """CR LF and LF mixed, the last line without any newline."""
-    endings = [b"\r\n" if n % 3 == 0 else b"\n" for n in range(len(lines) - 1)] + [b""]
-    return b"".join(line + ending for line, ending in zip(lines, endings, strict=True))
-
-
-def send_and_close(port: int, payload: bytes, piece: int = 1000) -> None:
-    """Send C{payload} in odd pieces, half-close, and wait until the server closed too."""
-    with connect(port) as sock:
-        for start in range(0, len(payload), piece):
-            sock.sendall(payload[start : start + piece])
-        sock.shutdown(socket.SHUT_WR)
-        recv_until_closed(sock)
-
-
-def run_clients(port: int, payloads: list[bytes]) -> None:
-    errors: list[BaseException] = []
-
-    def run(payload: bytes, piece: int) -> None:
-        try:
-            send_and_close(port, payload, piece)
-        except BaseException as error:  # surfaced in the test thread below
-            errors.append(error)
-
-    threads = [
-        threading.Thread(target=run, args=(payload, 997 + 13 * n))
-        for n, payload in enumerate(payloads)
-    ]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(WAIT_SECONDS)
-    assert not errors, errors
-    assert not any(thread.is_alive() for thread in threads)
-
-
-def logged_lines(*paths: Path) -> list[bytes]:
-    lines: list[bytes] = []
-    for path in paths:
-        data = path.read_bytes() if path.exists() else b""
-        assert not data or data.endswith(b"\n"), f"{path} ends inside a line"
-        lines += data.splitlines()
-    return lines
-
-
-def wait_for_lines(expected: list[bytes], paths) -> list[bytes]:
-    """Bounded poll until the files hold as many lines as expected; returns them."""
-    wait_until(lambda: len(logged_lines(*paths())) >= len(expected))
-    return logged_lines(*paths())
-
-
 TEN_CLIENTS = [client_lines(client, 2000) for client in range(10)]
 
 
@@ -624,10 +571,6 @@ def test_json_rows_parse_with_peer_and_unterminated_last_line(twistd, tmp_path):
     for row in rows:
         stamp = datetime.fromisoformat(row["time"].replace("Z", "+00:00"))
         assert abs(stamp.timestamp() - time.time()) < 60
-
-
-def rows_of(server) -> list[dict]:
-    return [json.loads(row) for row in server.path.read_bytes().splitlines()]
 
 
 @pytest.mark.parametrize(

@@ -49,6 +49,8 @@ class LineLogProtocol(ManagedProtocol):
     _kept: bytes | None = None
     #: How many bytes of that overlong line were dropped so far.
     _dropped = 0
+    #: Whether the last byte dropped was a CR (a trailing CR is not part of the line).
+    _dropped_cr = False
 
     def connectionAdmitted(self) -> None:
         self.sink = self.factory.sink
@@ -62,8 +64,11 @@ class LineLogProtocol(ManagedProtocol):
             newline = data.find(b"\n")
             if newline < 0:
                 self._dropped += len(data)
+                self._dropped_cr = data.endswith(b"\r")
                 return
             self._dropped += newline
+            if newline:
+                self._dropped_cr = data[newline - 1] == 0x0D
             records = self._truncated_record(unterminated=False)
             data = data[newline + 1 :]
         buffer = self._partial + data if self._partial else data
@@ -76,6 +81,7 @@ class LineLogProtocol(ManagedProtocol):
         if len(buffer) > self.max_line + 1:
             self._kept = buffer[: self.max_line]
             self._dropped = len(buffer) - self.max_line
+            self._dropped_cr = buffer.endswith(b"\r")
             buffer = b""
         self._partial = buffer
         if records:
@@ -104,7 +110,8 @@ class LineLogProtocol(ManagedProtocol):
         return b"".join(records)
 
     def _truncated_record(self, unterminated: bool) -> bytes:
-        kept, length = self._kept or b"", len(self._kept or b"") + self._dropped
+        kept = self._kept or b""
+        length = len(kept) + self._dropped - self._dropped_cr
         self._kept, self._dropped = None, 0
         self._count_truncation(length)
         return self.sink.format.line(kept, self.peer, length=length, unterminated=unterminated)
@@ -143,7 +150,14 @@ class LineLogProtocol(ManagedProtocol):
         elif self._partial:
             line = self._partial[:-1] if self._partial.endswith(b"\r") else self._partial
             self._partial = b""
-            self.sink.write(self.sink.format.line(line, self.peer, unterminated=True))
+            if len(line) > self.max_line:  # within the one byte of slack kept for a CR
+                self._count_truncation(len(line))
+                record = self.sink.format.line(
+                    line[: self.max_line], self.peer, length=len(line), unterminated=True
+                )
+            else:
+                record = self.sink.format.line(line, self.peer, unterminated=True)
+            self.sink.write(record)
 
 
 class LineLogFactory(protocol.Factory):

@@ -230,9 +230,25 @@ class LogSink:
                 view = view[count:]
         except OSError as error:
             self._last_error = error
+            done = len(data) - len(view)
+            if done:
+                return self._take_back(data, done, view)
             return view
         self._dirty = True
         return None
+
+    def _take_back(self, data: bytes, done: int, rest: memoryview) -> memoryview:
+        """
+        After a partial write failed, cut the file back to its last whole line so that a
+        process killed while the disk is full leaves no broken line; hold all of C{data}.
+        """
+        try:
+            os.ftruncate(self._fd, os.fstat(self._fd).st_size - done)
+        except OSError:
+            return rest  # the head stays written; the rest completes it on recovery
+        self._size -= done
+        self.bytes_written -= done
+        return memoryview(data)
 
     def _block(self, rest: memoryview) -> None:
         self._pending = [bytes(rest)]
