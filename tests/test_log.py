@@ -604,3 +604,30 @@ def test_signal_reopens_the_file_after_an_external_rename(twistd, tmp_path, sign
         tmp_path / "lines.log.1"
     ).read_bytes() == b"before rotation\nstill to the renamed file\n"
     assert server.terminate() == 0
+
+
+def test_an_overlong_line_that_ends_counts_as_activity(tmp_path):
+    factory, clock = make_factory(tmp_path, max_line=4, idle_timeout=10)
+    proto, transport = connected(factory)
+    proto.dataReceived(b"0123456789")
+    clock.advance(9)
+    proto.dataReceived(b"end\n")
+    clock.advance(9)
+    assert not transport.disconnecting
+    proto.connectionLost(None)
+
+
+def test_reopen_after_close_is_ignored(tmp_path):
+    factory, _ = make_factory(tmp_path)
+    factory.sink.close()
+    factory.sink.reopen()
+    assert factory.sink._fd == -1
+
+
+def test_make_service_refuses_rotation_in_an_unwritable_directory(tmp_path, monkeypatch):
+    from twistnet.log import tap
+
+    monkeypatch.setattr(tap.os, "access", lambda path, mode: False)
+    options = parse("--file", str(tmp_path / "x.log"), "--rotate-bytes", "1M")
+    with pytest.raises(SystemExit, match=r"cannot rotate .*x\.log: its directory .* not writable"):
+        makeService(options, reactor=MemoryReactorClock())

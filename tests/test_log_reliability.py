@@ -178,7 +178,7 @@ def test_sigkill_under_load_loses_no_line_that_reached_the_server(twistd, tmp_pa
         lines_in_file=len(lines),
         finisher_lines=5 * 4000,
         flooder_lines_in_file=flooded,
-        flooder_lines_sent_by_kill=sent_at_kill,
+        flooder_lines_sendall_returned_by_kill=sent_at_kill,
     )
 
 

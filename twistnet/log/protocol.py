@@ -69,6 +69,7 @@ class LineLogProtocol(ManagedProtocol):
             self._dropped += newline
             if newline:
                 self._dropped_cr = data[newline - 1] == 0x0D
+            self.idle.touch()
             records = self._truncated_record(unterminated=False)
             data = data[newline + 1 :]
         buffer = self._partial + data if self._partial else data

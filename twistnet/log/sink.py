@@ -387,6 +387,8 @@ class LogSink:
 
     def reopen(self) -> None:
         """Open C{path} afresh (after an external rename by logrotate); SIGHUP and SIGUSR1."""
+        if self._fd < 0:
+            return  # closed: a signal that arrived during shutdown
         self.log.info("reopening {path}", path=self.path)
         self._reopen("a reopen request")
         if self._pending and self._retry_call is not None and self._retry_call.active():
