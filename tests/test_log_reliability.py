@@ -7,6 +7,7 @@ Figures are printed (run with C{-s} to see them) and recorded in docs/reliabilit
 from __future__ import annotations
 
 import datetime
+import errno
 import json
 import os
 import resource
@@ -37,7 +38,7 @@ from twisted.internet.testing import StringTransport
 
 from helpers import connect, recv_until_closed, wait_until
 from twistnet.log.protocol import LineLogFactory, has_overlong_line
-from twistnet.log.sink import LogSink
+from twistnet.log.sink import RETRY_SECONDS, LogSink
 
 
 def report(test: str, **figures) -> None:
@@ -108,6 +109,52 @@ def test_arbitrary_bytes_in_json_are_one_parseable_record_per_line(payload, cuts
     assert [row.get("unterminated", False) for row in rows] == [False] * len(complete) + (
         [True] if last else []
     )
+
+
+class ScriptedWriter:
+    """os.write as a script says: "ok", "partial" (half, at least a byte) or "fail" (ENOSPC)."""
+
+    def __init__(self, script: list[str]) -> None:
+        self.script = list(script)
+
+    def __call__(self, fd: int, data) -> int:
+        step = self.script.pop(0) if self.script else "ok"
+        if step == "fail":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        if step == "partial":
+            data = data[: max(1, len(data) // 2)]
+        return os.write(fd, data)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    payload=payloads,
+    cuts=st.lists(st.integers(min_value=0, max_value=10_000), max_size=10),
+    script=st.lists(st.sampled_from(["ok", "partial", "fail"]), max_size=30),
+)
+def test_write_errors_and_partial_writes_anywhere_lose_and_reorder_nothing(payload, cuts, script):
+    clock = task.Clock()
+    with tempfile.TemporaryDirectory() as directory:
+        sink = LogSink(
+            os.path.join(directory, "lines.log"), clock=clock, writer=ScriptedWriter(script)
+        )
+        sink.open()
+        proto = LineLogFactory(sink).buildProtocol(None)
+        transport = StringTransport()
+        proto.makeConnection(transport)
+        points = sorted({cut % (len(payload) + 1) for cut in cuts})
+        for start, end in zip([0, *points], [*points, len(payload)], strict=True):
+            if end > start:
+                proto.dataReceived(payload[start:end])  # even while paused: bytes in flight
+            assert (transport.producerState == "paused") == sink.blocked
+            clock.advance(RETRY_SECONDS)
+        proto.connectionLost(None)
+        for _ in range(len(script) + 1):
+            clock.advance(RETRY_SECONDS)
+        assert not sink.blocked
+        sink.close()
+        assert Path(sink.path).read_bytes() == expected_raw(payload, 64 * 1024)
+        assert clock.getDelayedCalls() == []
 
 
 @given(lines=st.lists(st.binary(max_size=30).map(lambda b: b.replace(b"\n", b"")), max_size=30))
