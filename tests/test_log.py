@@ -225,10 +225,21 @@ def test_idle_timeout_counts_complete_lines_so_a_trickle_is_closed(tmp_path):
     assert clock.getDelayedCalls() == []
 
 
+def test_an_overlong_line_that_ends_counts_as_activity(tmp_path):
+    factory, clock = make_factory(tmp_path, max_line=4, idle_timeout=10)
+    proto, transport = connected(factory)
+    proto.dataReceived(b"0123456789")
+    clock.advance(9)
+    proto.dataReceived(b"end\n")
+    clock.advance(9)
+    assert not transport.disconnecting
+    proto.connectionLost(None)
+
+
 # --- unit: rotation and reopening -------------------------------------------------------------
 
 
-def test_rotation_renames_once_to_a_sequence_number_and_prunes_beyond_keep(tmp_path):
+def test_rotation_renames_once_to_a_sequence_number_and_prunes_beyond_keep(tmp_path, monkeypatch):
     factory, _ = make_factory(tmp_path, rotate_bytes=40, keep=2)
     proto, _ = connected(factory)
     renames = []
@@ -238,12 +249,10 @@ def test_rotation_renames_once_to_a_sequence_number_and_prunes_beyond_keep(tmp_p
         renames.append((src, dst))
         real_rename(src, dst)
 
-    sink_module.os.rename = counting_rename
-    try:
-        for n in range(20):
-            proto.dataReceived(b"line number %02d\n" % n)  # 15 bytes: two per file
-    finally:
-        sink_module.os.rename = real_rename
+    monkeypatch.setattr(sink_module.os, "rename", counting_rename)
+    for n in range(20):
+        proto.dataReceived(b"line number %02d\n" % n)  # 15 bytes: two per file
+    monkeypatch.undo()
     sink = factory.sink
     assert sink.rotations == 9
     assert len(renames) == 9, "one rename per rotation, never a cascade"
@@ -329,6 +338,13 @@ def test_failed_reopen_keeps_writing_to_the_old_file_and_retries(tmp_path, monke
     sink.write(b"fresh\n")
     assert (tmp_path / "moved.log").read_bytes() == b"kept\n"
     assert (tmp_path / "lines.log").read_bytes() == b"fresh\n"
+
+
+def test_reopen_after_close_is_ignored(tmp_path):
+    factory, _ = make_factory(tmp_path)
+    factory.sink.close()
+    factory.sink.reopen()
+    assert factory.sink._fd == -1
 
 
 # --- unit: fsync --------------------------------------------------------------------------------
@@ -505,6 +521,15 @@ def test_make_service_refuses_an_unopenable_file(tmp_path):
         makeService(options, reactor=MemoryReactorClock())
 
 
+def test_make_service_refuses_rotation_in_an_unwritable_directory(tmp_path, monkeypatch):
+    from twistnet.log import tap
+
+    monkeypatch.setattr(tap.os, "access", lambda path, mode: False)
+    options = parse("--file", str(tmp_path / "x.log"), "--rotate-bytes", "1M")
+    with pytest.raises(SystemExit, match=r"cannot rotate .*x\.log: its directory .* not writable"):
+        makeService(options, reactor=MemoryReactorClock())
+
+
 # --- end to end: twistd as a child process ----------------------------------------------------
 
 
@@ -604,30 +629,3 @@ def test_signal_reopens_the_file_after_an_external_rename(twistd, tmp_path, sign
         tmp_path / "lines.log.1"
     ).read_bytes() == b"before rotation\nstill to the renamed file\n"
     assert server.terminate() == 0
-
-
-def test_an_overlong_line_that_ends_counts_as_activity(tmp_path):
-    factory, clock = make_factory(tmp_path, max_line=4, idle_timeout=10)
-    proto, transport = connected(factory)
-    proto.dataReceived(b"0123456789")
-    clock.advance(9)
-    proto.dataReceived(b"end\n")
-    clock.advance(9)
-    assert not transport.disconnecting
-    proto.connectionLost(None)
-
-
-def test_reopen_after_close_is_ignored(tmp_path):
-    factory, _ = make_factory(tmp_path)
-    factory.sink.close()
-    factory.sink.reopen()
-    assert factory.sink._fd == -1
-
-
-def test_make_service_refuses_rotation_in_an_unwritable_directory(tmp_path, monkeypatch):
-    from twistnet.log import tap
-
-    monkeypatch.setattr(tap.os, "access", lambda path, mode: False)
-    options = parse("--file", str(tmp_path / "x.log"), "--rotate-bytes", "1M")
-    with pytest.raises(SystemExit, match=r"cannot rotate .*x\.log: its directory .* not writable"):
-        makeService(options, reactor=MemoryReactorClock())
