@@ -12,6 +12,7 @@ import json
 import os
 import resource
 import selectors
+import signal
 import socket
 import ssl
 import statistics
@@ -167,8 +168,10 @@ def test_overlong_scan_agrees_with_the_obvious_per_line_check(lines):
 # --- faults: SIGKILL and SIGTERM under load -----------------------------------------------------
 
 
-def start_senders(port: int, count: int, max_lines: int, stop: threading.Event, first: int = 0):
-    senders = [Sender(port, first + n, stop, max_lines) for n in range(count)]
+def start_senders(
+    port: int, count: int, max_lines: int, stop: threading.Event, first: int = 0, seconds=20.0
+):
+    senders = [Sender(port, first + n, stop, max_lines, seconds) for n in range(count)]
     for sender in senders:
         sender.start()
     return senders
@@ -584,3 +587,58 @@ def test_lines_over_tls_through_an_ssl_endpoint(twistd, tmp_path):
     assert rows[-1]["unterminated"] is True
     assert all(row["peer"].startswith("127.0.0.1:") for row in rows)
     assert server.terminate() == 0
+
+
+# --- soak (on demand: uv run pytest -m soak) ----------------------------------------------------
+
+
+SOAK_LINES = 1_000_000
+
+
+@pytest.mark.soak
+def test_soak_rotation_and_external_logrotate_under_sustained_load(twistd, tmp_path):
+    """10 million lines (1 GB) from 10 clients while the server rotates every MiB and an
+    external logrotate renames the file and sends SIGHUP 50 times a second: nothing lost."""
+    server = start_log_server(
+        twistd, tmp_path, "--rotate-bytes", "1M", "--keep", "100000", "--max-line", "1K"
+    )
+    server.wait_for_line("reopens .* on SIGHUP or SIGUSR1")
+    stop = threading.Event()
+    senders = start_senders(server.tcp_port, 10, SOAK_LINES, stop, seconds=300)
+    renamed = 0
+    try:
+        while any(sender.is_alive() for sender in senders) and renamed < 100_000:
+            try:
+                server.path.rename(tmp_path / f"external.{renamed:06d}")
+            except FileNotFoundError:
+                pass
+            server.proc.send_signal(signal.SIGHUP)
+            renamed += 1
+            stop.wait(0.02)
+        for sender in senders:
+            sender.join(300)
+            assert sender.sent == SOAK_LINES and sender.error is None
+
+        def files() -> list[Path]:
+            return sorted(p for p in tmp_path.iterdir() if p.name.startswith(("lines.", "ext")))
+
+        wait_until(
+            lambda: sum(p.stat().st_size for p in files()) >= 10 * SOAK_LINES * 100, timeout=120
+        )
+    finally:
+        stop.set()
+        for sender in senders:
+            sender.sock.close()
+    lines = logged_lines(*files())
+    counts = assert_whole_sender_lines(senders, sorted(lines, key=sort_key))
+    assert set(counts.values()) == {SOAK_LINES}
+    assert server.terminate() == 0
+    written = files()
+    for path in written:
+        path.unlink()
+    report("soak rotation", lines=len(lines), files=len(written), external_renames=renamed)
+
+
+def sort_key(line: bytes) -> tuple[int, int]:
+    _, client, _, number, _ = line.split(b" ")
+    return int(client), int(number)
