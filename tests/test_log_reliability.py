@@ -16,6 +16,7 @@ import signal
 import socket
 import ssl
 import statistics
+import struct
 import subprocess
 import tempfile
 import threading
@@ -523,6 +524,26 @@ def test_connection_flood_holds_the_cap_and_an_honest_client_is_served(many_fds,
         rss_growth_mib=round(growth, 1),
         **figures,
     )
+
+
+def test_reset_mid_line_writes_the_fragment_leaks_nothing_and_logs_no_traceback(twistd, tmp_path):
+    server = start_log_server(twistd, tmp_path, "--format", "json", "--max-connections", "1")
+    for number in range(3):
+        sock = connect(server.tcp_port)
+        sock.sendall(b"whole %d\nhalf a li" % number)
+        wait_until(lambda n=number: b"whole %d" % n in server.path.read_bytes())
+        # SO_LINGER 0: close() sends a reset instead of a FIN.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        sock.close()
+        # The next client is admitted under --max-connections 1 only once this one is released.
+        wait_until(lambda n=number: len(rows_of(server)) == 2 * (n + 1))
+    rows = rows_of(server)
+    expected = [text for n in range(3) for text in (f"whole {n}", "half a li")]
+    assert [row["text"] for row in rows] == expected
+    assert [row.get("unterminated", False) for row in rows] == [False, True] * 3
+    assert server.terminate() == 0
+    assert "Traceback" not in server.output
+    assert "refused" not in server.output
 
 
 # --- TLS ----------------------------------------------------------------------------------------
