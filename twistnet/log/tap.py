@@ -36,7 +36,8 @@ DEFAULT_PORT = 5140
 #: Relative to the directory twistd runs in, as in the issue's example command.
 DEFAULT_FILE = "lines.log"
 
-#: Old files kept by --rotate-bytes unless --keep says otherwise.
+#: Old files kept by --rotate-bytes unless --keep says otherwise: some history to look back
+#: on, while rotation still bounds the disk used to (keep + 1) x --rotate-bytes.
 DEFAULT_KEEP = 5
 
 _UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3}
