@@ -1,0 +1,182 @@
+"""
+One client connection of twistnet-log: split received chunks into lines and hand the
+complete ones to the shared L{LogSink}.
+
+Chunks are split whole, never line by line in Python: the complete lines of a chunk (up to
+its last LF) go to the sink as one block, so the cost per chunk is a few C-level scans and
+one write, whatever the number of lines. Twisted's C{LineReceiver} instead calls back once
+per line and re-slices its buffer for each, which is quadratic on large chunks.
+"""
+
+from __future__ import annotations
+
+from twisted.internet import protocol
+from twisted.logger import Logger
+
+from twistnet._connections import ConnectionRegistry, IdleTimer, ManagedProtocol, peer_name
+from twistnet.log.sink import LogSink
+
+#: The default --max-line: far above any honest log line, small enough that one client
+#: cannot make the server hold much for a line that never ends.
+DEFAULT_MAX_LINE = 64 * 1024
+
+
+def has_overlong_line(lines: bytes, max_line: int) -> bool:
+    """
+    Whether any line of C{lines} (complete lines, each ending in LF) is longer than
+    C{max_line} bytes, not counting its LF.
+
+    Jumps from line start to the last LF within reach instead of visiting every line: every
+    line inside that window is short, so a 64 KiB chunk takes one or two C-level scans.
+    """
+    start, end = 0, len(lines)
+    while start < end:
+        newline = lines.rfind(b"\n", start, start + max_line + 1)
+        if newline < 0:
+            return True
+        start = newline + 1
+    return False
+
+
+class LineLogProtocol(ManagedProtocol):
+    """Writes every line the client sends (and a final unterminated one) to the sink."""
+
+    sink: LogSink
+    peer = "?"
+    #: The start of the line not yet ended by LF.
+    _partial = b""
+    #: While inside a line longer than --max-line: its first max_line bytes (else None).
+    _kept: bytes | None = None
+    #: How many bytes of that overlong line were dropped so far.
+    _dropped = 0
+    #: Whether the last byte dropped was a CR (a trailing CR is not part of the line).
+    _dropped_cr = False
+
+    def connectionAdmitted(self) -> None:
+        self.sink = self.factory.sink
+        self.max_line = self.factory.max_line
+        self.peer = peer_name(self.transport)
+        self.sink.attach(self.transport)
+
+    def dataReceived(self, data: bytes) -> None:
+        records = b""
+        if self._kept is not None:
+            newline = data.find(b"\n")
+            if newline < 0:
+                self._dropped += len(data)
+                self._dropped_cr = data.endswith(b"\r")
+                return
+            self._dropped += newline
+            if newline:
+                self._dropped_cr = data[newline - 1] == 0x0D
+            self.idle.touch()
+            records = self._truncated_record(unterminated=False)
+            data = data[newline + 1 :]
+        buffer = self._partial + data if self._partial else data
+        end = buffer.rfind(b"\n") + 1
+        if end:
+            self.idle.touch()
+            records += self._records(buffer[:end] if end < len(buffer) else buffer)
+            buffer = buffer[end:]
+        # One byte of slack: a line of exactly max_line bytes may still end in CR LF.
+        if len(buffer) > self.max_line + 1:
+            self._kept = buffer[: self.max_line]
+            self._dropped = len(buffer) - self.max_line
+            self._dropped_cr = buffer.endswith(b"\r")
+            buffer = b""
+        self._partial = buffer
+        if records:
+            self.sink.write(records)
+
+    def _records(self, lines: bytes) -> bytes:
+        """The records of complete lines: CR LF becomes LF, overlong lines are truncated."""
+        if b"\r" in lines:
+            lines = lines.replace(b"\r\n", b"\n")
+        fmt = self.sink.format
+        if len(lines) <= self.max_line + 1 or not has_overlong_line(lines, self.max_line):
+            return fmt.chunk(lines, self.peer)
+        records = []
+        run: list[bytes] = []
+        for line in lines[:-1].split(b"\n"):
+            if len(line) <= self.max_line:
+                run.append(line)
+                continue
+            if run:
+                records.append(fmt.chunk(b"\n".join(run) + b"\n", self.peer))
+                run = []
+            self._count_truncation(len(line))
+            records.append(fmt.line(line[: self.max_line], self.peer, length=len(line)))
+        if run:
+            records.append(fmt.chunk(b"\n".join(run) + b"\n", self.peer))
+        return b"".join(records)
+
+    def _truncated_record(self, unterminated: bool) -> bytes:
+        kept = self._kept or b""
+        length = len(kept) + self._dropped - self._dropped_cr
+        self._kept, self._dropped = None, 0
+        self._count_truncation(length)
+        return self.sink.format.line(kept, self.peer, length=length, unterminated=unterminated)
+
+    def _count_truncation(self, length: int) -> None:
+        self.factory.truncated += 1
+        self.factory.log.warn(
+            "truncated a {length}-byte line from {peer} to --max-line {max_line} bytes "
+            "({count} truncated so far)",
+            length=length,
+            peer=self.peer,
+            max_line=self.max_line,
+            count=self.factory.truncated,
+        )
+
+    def _idled(self) -> None:
+        if self.sink.blocked:
+            # Reading is paused by our own full disk, not the client's silence; closing now
+            # would also discard what the client sent and we have not read yet.
+            registry: ConnectionRegistry = self.factory.registry
+            self.idle = IdleTimer(registry.clock, self.factory.idle_timeout, self._idled)
+            return
+        super()._idled()
+
+    def connectionLost(self, reason=protocol.connectionDone) -> None:
+        # Before the base class releases the connection: releasing the last one may let a
+        # shutdown close the sink, and the final line must be written before that.
+        if self.admitted:
+            self.sink.detach(self.transport)
+            self._write_final_line()
+        super().connectionLost(reason)
+
+    def _write_final_line(self) -> None:
+        if self._kept is not None:
+            self.sink.write(self._truncated_record(unterminated=True))
+        elif self._partial:
+            line = self._partial[:-1] if self._partial.endswith(b"\r") else self._partial
+            self._partial = b""
+            if len(line) > self.max_line:  # within the one byte of slack kept for a CR
+                self._count_truncation(len(line))
+                record = self.sink.format.line(
+                    line[: self.max_line], self.peer, length=len(line), unterminated=True
+                )
+            else:
+                record = self.sink.format.line(line, self.peer, unterminated=True)
+            self.sink.write(record)
+
+
+class LineLogFactory(protocol.Factory):
+    """Holds what the connections share: the sink, the limits and the connection registry."""
+
+    protocol = LineLogProtocol
+    log = Logger()
+    noisy = False
+
+    def __init__(
+        self,
+        sink: LogSink,
+        max_line: int = DEFAULT_MAX_LINE,
+        max_connections: int = 0,
+        idle_timeout: float = 0.0,
+    ) -> None:
+        self.sink = sink
+        self.max_line = max_line
+        self.registry = ConnectionRegistry(max_connections, sink.clock)
+        self.idle_timeout = idle_timeout
+        self.truncated = 0

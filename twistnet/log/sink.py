@@ -1,0 +1,439 @@
+"""
+The log file every connection of twistnet-log shares: formatting, durable appends, rotation,
+reopening, periodic fsync and backpressure when the disk refuses a write.
+
+Each call to L{LogSink.write} carries the complete lines of one received chunk and hands
+them to the OS at once with a single C{os.write} on an C{O_APPEND} descriptor (looping only
+on a partial write): nothing waits in a Python buffer, so a killed process loses nothing it
+had received, and lines from different connections never interleave inside a line.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from collections.abc import Callable
+from json.encoder import encode_basestring
+
+from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+
+#: How often a failed write (disk full, I/O error) is retried while clients are paused:
+#: often enough to resume promptly once space returns, rarely enough to cost nothing.
+RETRY_SECONDS = 1.0
+
+#: How often a write failure that persists is logged again: loud, but not a log flood.
+REPEAT_LOG_SECONDS = 30.0
+
+#: How long to wait before trying again after a rotation or reopen failed (an unwritable
+#: directory does not heal by itself within a second; each failure is logged).
+ROTATE_RETRY_SECONDS = 10.0
+
+#: Mode of a log file we create; the umask applies as usual.
+FILE_MODE = 0o644
+
+OPEN_FLAGS = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
+
+Writer = Callable[[int, bytes | memoryview], int]
+
+
+class RawFormat:
+    """Each line exactly as sent (a trailing CR removed), one per line."""
+
+    name = "raw"
+
+    def chunk(self, lines: bytes, peer: str) -> bytes:
+        """Records for C{lines}: complete lines, each ending in LF, none over the limit."""
+        return lines
+
+    def line(
+        self, text: bytes, peer: str, *, length: int | None = None, unterminated: bool = False
+    ) -> bytes:
+        """The record of one line; C{length} is the size sent when C{text} is truncated."""
+        if length is not None:
+            return b"%s [truncated: line of %d bytes]\n" % (text, length)
+        return text + b"\n"
+
+
+class JsonFormat:
+    """
+    One JSON object per line: C{time} (UTC ISO-8601, when the chunk arrived), C{peer}, C{text};
+    C{invalid_utf8}, C{truncated} with C{length}, and C{unterminated} only when they apply.
+    Invalid UTF-8 is backslash-escaped (C{\\xff}), never fatal.
+    """
+
+    name = "json"
+
+    def __init__(self, clock: IReactorTime) -> None:
+        self._clock = clock
+        self._second = -1
+        self._stamp = ""
+
+    def _timestamp(self) -> str:
+        now = self._clock.seconds()
+        second = int(now)
+        if second != self._second:
+            self._second = second
+            self._stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        return f"{self._stamp}.{int((now - second) * 1000):03d}Z"
+
+    def chunk(self, lines: bytes, peer: str) -> bytes:
+        try:
+            text = lines.decode("utf-8")
+        except UnicodeDecodeError:
+            return b"".join(self.line(line, peer) for line in lines[:-1].split(b"\n"))
+        prefix = f'{{"time":"{self._timestamp()}","peer":{encode_basestring(peer)},"text":'
+        encode = encode_basestring
+        return "".join([f"{prefix}{encode(line)}}}\n" for line in text[:-1].split("\n")]).encode()
+
+    def line(
+        self, text: bytes, peer: str, *, length: int | None = None, unterminated: bool = False
+    ) -> bytes:
+        record: dict[str, object] = {"time": self._timestamp(), "peer": peer}
+        try:
+            record["text"] = text.decode("utf-8")
+        except UnicodeDecodeError:
+            record["text"] = text.decode("utf-8", "backslashreplace")
+            record["invalid_utf8"] = True
+        if length is not None:
+            record["truncated"] = True
+            record["length"] = length
+        if unterminated:
+            record["unterminated"] = True
+        return (json.dumps(record, ensure_ascii=False, separators=(",", ":")) + "\n").encode()
+
+
+FORMATS = ("raw", "json")
+
+
+def make_format(name: str, clock: IReactorTime) -> RawFormat | JsonFormat:
+    return JsonFormat(clock) if name == "json" else RawFormat()
+
+
+class LogSink:
+    """
+    The open log file shared by every connection.
+
+    @ivar blocked: true while a write failed and received bytes wait in memory; every attached
+        producer is paused meanwhile, so that memory stays bounded.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        path: str,
+        *,
+        format: str = "raw",
+        rotate_bytes: int = 0,
+        keep: int = 5,
+        fsync_interval: float = 0.0,
+        clock: IReactorTime | None = None,
+        writer: Writer = os.write,
+    ) -> None:
+        if clock is None:
+            from twisted.internet import reactor as clock
+        self.path = os.path.abspath(path)
+        self.clock: IReactorTime = clock  # type: ignore[assignment]
+        self.format = make_format(format, self.clock)
+        self.rotate_bytes = rotate_bytes
+        self.keep = keep
+        self.fsync_interval = fsync_interval
+        self._writer = writer
+        self._fd = -1
+        self._size = 0
+        #: True when the descriptor no longer refers to C{path} (a failed rotation or reopen):
+        #: the next write after the retry time opens C{path} again.
+        self._detached = False
+        self._retry_rotation_at = 0.0
+        self._rotated: list[int] = []
+        self._next_sequence = 1
+        self._pending: list[bytes] = []
+        self._pending_bytes = 0
+        self._blocked_since = 0.0
+        self._last_complaint = 0.0
+        self._retry_call: IDelayedCall | None = None
+        self._producers: set[IPushProducer] = set()
+        self._dirty = False
+        self._last_error: BaseException | None = None
+        self._fsync_loop: LoopingCall | None = None
+        self.bytes_written = 0
+        self.rotations = 0
+
+    # --- lifecycle ---------------------------------------------------------------------------
+
+    def open(self) -> None:
+        """Open (or create) the file; raises C{OSError} when it cannot be opened."""
+        self._fd = os.open(self.path, OPEN_FLAGS, FILE_MODE)
+        self._size = os.fstat(self._fd).st_size
+        self._rotated = self._existing_rotations()
+        self._next_sequence = (self._rotated[-1] + 1) if self._rotated else 1
+        if self.fsync_interval > 0:
+            self._fsync_loop = LoopingCall(self.sync)
+            self._fsync_loop.clock = self.clock
+            self._fsync_loop.start(self.fsync_interval, now=False)
+
+    def close(self) -> None:
+        """Write what is held, fsync and close. Bytes that still cannot be written are logged."""
+        if self._fsync_loop is not None and self._fsync_loop.running:
+            self._fsync_loop.stop()
+        if self._retry_call is not None and self._retry_call.active():
+            self._retry_call.cancel()
+        self._retry_call = None
+        if self._fd < 0:
+            return
+        if self._pending:
+            held, self._pending, self._pending_bytes = b"".join(self._pending), [], 0
+            rest = self._write_out(held)
+            if rest:
+                self.log.critical(
+                    "closing {path} with a write still failing: {count} received bytes lost",
+                    path=self.path,
+                    count=len(rest),
+                )
+        self._dirty = True
+        self.sync()
+        os.close(self._fd)
+        self._fd = -1
+
+    # --- writing -----------------------------------------------------------------------------
+
+    @property
+    def blocked(self) -> bool:
+        return bool(self._pending)
+
+    def write(self, records: bytes) -> None:
+        """Append C{records} (whole formatted lines) with one write, or hold them if blocked."""
+        if self._pending:
+            self._pending.append(records)
+            self._pending_bytes += len(records)
+            return
+        if self._detached or (
+            self.rotate_bytes and self._size and self._size + len(records) > self.rotate_bytes
+        ):
+            self._maybe_rotate()
+        rest = self._write_out(records)
+        if rest:
+            self._block(rest)
+
+    def _write_out(self, data: bytes) -> memoryview | None:
+        """Write all of C{data}, looping on partial writes; returns what failed to go out."""
+        view = memoryview(data)
+        try:
+            while view:
+                count = self._writer(self._fd, view)
+                self._size += count
+                self.bytes_written += count
+                view = view[count:]
+        except OSError as error:
+            self._last_error = error
+            done = len(data) - len(view)
+            if done:
+                return self._take_back(data, done, view)
+            return view
+        self._dirty = True
+        return None
+
+    def _take_back(self, data: bytes, done: int, rest: memoryview) -> memoryview:
+        """
+        After a partial write failed, cut the file back to its last whole line so that a
+        process killed while the disk is full leaves no broken line; hold all of C{data}.
+        """
+        try:
+            os.ftruncate(self._fd, os.fstat(self._fd).st_size - done)
+        except OSError:
+            return rest  # the head stays written; the rest completes it on recovery
+        self._size -= done
+        self.bytes_written -= done
+        return memoryview(data)
+
+    def _block(self, rest: memoryview) -> None:
+        self._pending = [bytes(rest)]
+        self._pending_bytes = len(rest)
+        self._blocked_since = self._last_complaint = self.clock.seconds()
+        self.log.critical(
+            "cannot write to {path}: {error}; holding {held} bytes in memory, "
+            "pausing reading from {clients} clients, retrying every {retry}s",
+            path=self.path,
+            error=_describe(self._last_error),
+            held=self._pending_bytes,
+            clients=len(self._producers),
+            retry=RETRY_SECONDS,
+        )
+        _each(self._producers, "pauseProducing")
+        self._retry_call = self.clock.callLater(RETRY_SECONDS, self._retry)
+
+    def _retry(self) -> None:
+        self._retry_call = None
+        held = b"".join(self._pending)
+        self._pending, self._pending_bytes = [], 0
+        if self._detached:
+            self._maybe_rotate()
+        rest = self._write_out(held)
+        now = self.clock.seconds()
+        if rest:
+            self._pending = [bytes(rest)]
+            self._pending_bytes = len(rest)
+            if now - self._last_complaint >= REPEAT_LOG_SECONDS:
+                self._last_complaint = now
+                self.log.critical(
+                    "still cannot write to {path} after {seconds:.0f}s: {error}; "
+                    "holding {held} bytes, clients still paused",
+                    path=self.path,
+                    seconds=now - self._blocked_since,
+                    error=_describe(self._last_error),
+                    held=self._pending_bytes,
+                )
+            self._retry_call = self.clock.callLater(RETRY_SECONDS, self._retry)
+            return
+        self.log.warn(
+            "writing to {path} again after {seconds:.1f}s: {held} held bytes written, "
+            "resuming reading from {clients} clients",
+            path=self.path,
+            seconds=now - self._blocked_since,
+            held=len(held),
+            clients=len(self._producers),
+        )
+        _each(self._producers, "resumeProducing")
+
+    # --- producers (the connections) ---------------------------------------------------------
+
+    def attach(self, producer: IPushProducer) -> None:
+        """Pause C{producer} (a connection's transport) whenever the sink is blocked."""
+        self._producers.add(producer)
+        if self._pending:
+            producer.pauseProducing()
+
+    def detach(self, producer: IPushProducer) -> None:
+        self._producers.discard(producer)
+
+    # --- durability --------------------------------------------------------------------------
+
+    def sync(self) -> None:
+        """fsync the file if anything was written since the last fsync."""
+        if not self._dirty or self._fd < 0:
+            return
+        self._dirty = False
+        self._sync_fd(self._fd)
+
+    # --- rotation and reopening --------------------------------------------------------------
+
+    def rotated_path(self, sequence: int) -> str:
+        return f"{self.path}.{sequence:06d}"
+
+    def rotated_files(self) -> list[str]:
+        """The rotated files this sink knows of, oldest first."""
+        return [self.rotated_path(sequence) for sequence in self._rotated]
+
+    def _existing_rotations(self) -> list[int]:
+        directory, base = os.path.split(self.path)
+        pattern = re.compile(re.escape(base) + r"\.(\d+)")
+        try:
+            names = os.listdir(directory)
+        except OSError:
+            return []
+        return sorted(int(m.group(1)) for m in map(pattern.fullmatch, names) if m)
+
+    def _maybe_rotate(self) -> None:
+        if self.clock.seconds() < self._retry_rotation_at:
+            return
+        if self._detached:
+            self._reopen("the earlier failure")
+            return
+        sequence = self._next_sequence
+        while os.path.exists(self.rotated_path(sequence)):
+            sequence += 1
+        target = self.rotated_path(sequence)
+        try:
+            os.rename(self.path, target)
+        except OSError as error:
+            self._postpone(
+                "cannot rotate {path} to {target}: {error}; still appending to {path}",
+                error,
+                target=target,
+            )
+            return
+        self._next_sequence = sequence + 1
+        self._rotated.append(sequence)
+        self.rotations += 1
+        # Until the new file is open, lines keep going to the renamed one: nothing is lost.
+        self._detached = True
+        self._reopen(f"rotation to {target}")
+        self._prune()
+
+    def _postpone(self, message: str, error: OSError, **fields: object) -> None:
+        """Log a rotation or reopen failure loudly; the next attempt waits a while."""
+        self._retry_rotation_at = self.clock.seconds() + ROTATE_RETRY_SECONDS
+        self.log.critical(
+            message + ", retrying in {retry:.0f}s",
+            path=self.path,
+            error=_describe(error),
+            retry=ROTATE_RETRY_SECONDS,
+            **fields,
+        )
+
+    def _prune(self) -> None:
+        while len(self._rotated) > self.keep:
+            oldest = self.rotated_path(self._rotated.pop(0))
+            try:
+                os.unlink(oldest)
+            except FileNotFoundError:
+                pass
+            except OSError as error:
+                self.log.error("cannot remove old log {path}: {error}", path=oldest, error=error)
+
+    def reopen(self) -> None:
+        """Open C{path} afresh (after an external rename by logrotate); SIGHUP and SIGUSR1."""
+        if self._fd < 0:
+            return  # closed: a signal that arrived during shutdown
+        self.log.info("reopening {path}", path=self.path)
+        self._reopen("a reopen request")
+        if self._pending and self._retry_call is not None and self._retry_call.active():
+            # A fresh file may be writable again: try now rather than at the next retry.
+            self._retry_call.reset(0)
+
+    def _reopen(self, why: str) -> None:
+        try:
+            fd = os.open(self.path, OPEN_FLAGS, FILE_MODE)
+        except OSError as error:
+            self._detached = True
+            self._postpone(
+                "cannot open {path} after {why}: {error}; still appending to the previous file",
+                error,
+                why=why,
+            )
+            return
+        old, self._fd = self._fd, fd
+        if self.fsync_interval > 0:
+            # The periodic fsync only ever sees the current descriptor: settle the old one.
+            self._sync_fd(old)
+        os.close(old)
+        self._size = os.fstat(fd).st_size
+        self._detached = False
+        self._retry_rotation_at = 0.0
+
+    def _sync_fd(self, fd: int) -> None:
+        try:
+            os.fsync(fd)
+        except OSError as error:
+            self.log.critical(
+                "fsync of {path} failed: {error}", path=self.path, error=_describe(error)
+            )
+
+
+def _each(producers: set[IPushProducer], method: str) -> None:
+    """Call C{method} on every producer; one that fails does not stop the others."""
+    for producer in list(producers):
+        try:
+            getattr(producer, method)()
+        except Exception:
+            LogSink.log.failure("{method} failed for {producer}", method=method, producer=producer)
+
+
+def _describe(error: BaseException) -> str:
+    if isinstance(error, OSError) and error.strerror:
+        return f"[Errno {error.errno}] {error.strerror}"
+    return str(error)
