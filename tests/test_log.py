@@ -460,7 +460,7 @@ def parse(*argv):
 
 def test_options_defaults():
     options = parse()
-    assert options.endpoint_descriptions() == ["tcp:5140"]
+    assert options.endpoint_descriptions() == ["tcp:5140:backlog=511"]
     assert options["file"] == "lines.log"
     assert options["format"] == "raw"
     assert options["rotate-bytes"] == 0

@@ -201,12 +201,18 @@ class ManagedProtocol(protocol.Protocol):
             self._twistnet_abort_call.cancel()
         if self.idle is not None:
             self.idle.stop()
-        if self.admitted:
-            self.factory.registry.release(self)
-        self.connectionClosed(reason)
+        try:
+            self.connectionClosed(reason)
+        finally:
+            # Last: releasing the last connection lets a shutdown go on (close files etc.).
+            if self.admitted:
+                self.factory.registry.release(self)
 
     def connectionClosed(self, reason) -> None:
-        """Called when an admitted or refused connection is gone."""
+        """
+        Called when an admitted or refused connection is gone, before it is released, so
+        what it still has to hand over (a final line) reaches shared state before shutdown.
+        """
 
 
 class ConnectionCloser(Service):

@@ -137,13 +137,10 @@ class LineLogProtocol(ManagedProtocol):
             return
         super()._idled()
 
-    def connectionLost(self, reason=protocol.connectionDone) -> None:
-        # Before the base class releases the connection: releasing the last one may let a
-        # shutdown close the sink, and the final line must be written before that.
+    def connectionClosed(self, reason) -> None:
         if self.admitted:
             self.sink.detach(self.transport)
             self._write_final_line()
-        super().connectionLost(reason)
 
     def _write_final_line(self) -> None:
         if self._kept is not None:
