@@ -49,6 +49,9 @@ class MemoryStore:
     def get(self, job_id):
         return defer.succeed(self.jobs.get(job_id))
 
+    def cached(self, job_id):
+        return self.jobs.get(job_id)
+
     def unfinished(self):
         return defer.succeed([j for j in self.jobs.values() if j.status in (QUEUED, RUNNING)])
 

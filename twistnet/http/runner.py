@@ -27,8 +27,9 @@ from twisted.application.service import Service
 from twisted.internet import defer, error, protocol
 from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
-from zope.interface import Interface, implementer
+from zope.interface import Attribute, Interface, implementer
 
+from twistnet.http._logging import observer as log_observer
 from twistnet.http._pytool import RESULT_FD
 from twistnet.http.model import (
     CANCELLED,
@@ -96,6 +97,14 @@ class QueueFull(Exception):
 
 class IRunner(Interface):
     """Runs jobs. A runner on other machines implements the same."""
+
+    workers = Attribute("How many jobs may run at once.")
+    queue_size = Attribute("How many jobs may wait.")
+    active = Attribute("The jobs running now, by id.")
+    on_finished = Attribute("Callables called with each job that reaches a final state.")
+
+    def queue_depth() -> int:
+        """How many jobs are waiting."""
 
     def submit(job: Job) -> defer.Deferred[Job]:
         """Store C{job} durably and queue it; fails with L{QueueFull} when there is no room."""
@@ -266,7 +275,7 @@ class LocalRunner(Service):
     @param signal_group: sends a signal to a process group (replaced in tests).
     """
 
-    log = Logger()
+    log = Logger(observer=log_observer)
 
     def __init__(
         self,

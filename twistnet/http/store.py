@@ -29,6 +29,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import Interface, implementer
 
+from twistnet.http._logging import observer as log_observer
 from twistnet.http.model import QUEUED, RUNNING, TERMINAL, Job
 
 #: The most operations committed in one transaction: bounds the latency one commit adds to
@@ -55,6 +56,9 @@ class IJobStore(Interface):
 
     def get(job_id: str) -> defer.Deferred[Job | None]:
         """The job with this id, or None."""
+
+    def cached(job_id: str) -> Job | None:
+        """The job if held in memory, else None, which says nothing (synchronous)."""
 
     def list(
         status: str | None, tool: str | None, limit: int, cursor: str | None
@@ -175,7 +179,7 @@ class SQLiteJobStore(Service):
     clear start-up error; the thread starts with the service.
     """
 
-    log = Logger()
+    log = Logger(observer=log_observer)
 
     def __init__(self, path: str | os.PathLike, reactor=None, cache_size: int = CACHE_SIZE):
         if reactor is None:
