@@ -392,3 +392,25 @@ async def test_real_python_tool_returns_its_result(real_runner):
     finished = await watch_until_done(runner, submitted)
     assert finished.status == SUCCEEDED, runner.store.read_output(submitted.id)
     assert finished.result == {"lines": 2, "words": 3, "chars": 13}
+
+
+def test_restart_after_a_crash_kills_the_leftover_group_of_a_running_job():
+    import time
+
+    crashed = job(1, status=RUNNING).evolve(started=time.time() - 5, pid=4242)
+    before_boot = job(2, status=RUNNING).evolve(started=1.0, pid=4343)
+    store = MemoryStore([crashed, before_boot])
+    _, reactor, signals = make_runner(store=store)
+    assert (4242, signal.SIGKILL) in signals
+    assert not [s for s in signals if s[0] == 4343], "a group id from before a reboot is not ours"
+    # echo is retry-safe: both run again, in new process groups.
+    assert [p.job.id for p, *_ in reactor.spawned] == [crashed.id, before_boot.id]
+    assert store.jobs[crashed.id].pid == 1000
+
+
+def test_a_running_job_records_its_process_group_until_it_ends():
+    runner, reactor, _ = make_runner()
+    runner.submit(job(1))
+    assert runner.store.jobs[job(1).id].pid == 1000
+    end(reactor.spawned[0][0])
+    assert runner.store.jobs[job(1).id].pid is None

@@ -301,6 +301,8 @@ class Job:
     @ivar timeout: the effective timeout in seconds (the client's, capped by the tool's).
     @ivar error: why the job did not succeed, in a sentence, or None.
     @ivar output_size: bytes of output kept (head and tail when C{truncated}).
+    @ivar pid: while running, the pid leading the job's session and process group; kept so
+        that a restart after a crash can kill what the job left behind. Not shown to clients.
     """
 
     id: str
@@ -316,6 +318,7 @@ class Job:
     error: str | None = None
     truncated: bool = False
     output_size: int = 0
+    pid: int | None = None
 
     @property
     def terminal(self) -> bool:

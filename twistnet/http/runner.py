@@ -87,6 +87,18 @@ def signal_group(pid: int, signum: int, leader_alive: bool = True) -> None:
             pass
 
 
+def boot_time() -> float:
+    """When the machine booted (epoch seconds), or 0 if unknown."""
+    try:
+        with open("/proc/stat") as stat:
+            for line in stat:
+                if line.startswith("btime "):
+                    return float(line.split()[1])
+    except OSError:
+        pass
+    return 0.0
+
+
 class QueueFull(Exception):
     """No room in the queue; C{retry_after} is a hint in seconds."""
 
@@ -236,6 +248,7 @@ class _Run(protocol.ProcessProtocol):
         exit_code = getattr(reason.value, "exitCode", None)
         signum = getattr(reason.value, "signal", None)
         changes: dict[str, Any] = {
+            "pid": None,
             "finished": self.runner.clock.seconds(),
             "exit_code": exit_code if exit_code is not None else (-signum if signum else None),
             "truncated": self.output.truncated,
@@ -332,7 +345,8 @@ class LocalRunner(Service):
                 await self.store.update(lost)
                 continue
             if job.status == RUNNING:
-                job = job.evolve(**self._interrupted(job, tool))
+                self._sweep(job)
+                job = job.evolve(pid=None, **self._interrupted(job, tool))
                 await self.store.update(job)
                 self.log.info(
                     "job {job} was running at restart: {status}", job=job.id, status=job.status
@@ -340,6 +354,15 @@ class LocalRunner(Service):
             if job.status == QUEUED:
                 self.queue.append(job)
         self._pump()
+
+    def _sweep(self, job: Job) -> None:
+        """Kill what a job that was running when the server died left behind (no orphans)."""
+        if job.pid is None or (job.started or 0) < boot_time():
+            return  # a reboot since: that group id now belongs to someone else
+        self.log.info(
+            "job {job}: killing its leftover process group {pid}", job=job.id, pid=job.pid
+        )
+        self.signal_group(job.pid, signal.SIGKILL, False)
 
     def _interrupted(self, job: Job, tool: Tool) -> dict[str, Any]:
         """The changes for a job whose run the server's stop cut short."""
@@ -458,17 +481,17 @@ class LocalRunner(Service):
             child_fds[RESULT_FD] = "r"
         self.active[job.id] = run
         self._per_tool[tool.name] += 1
-        self._record(job)
         try:
-            self.reactor.spawnProcess(
+            process = self.reactor.spawnProcess(
                 run, argv[0], argv, env=environment, path=tool.cwd, childFDs=child_fds
             )
         except Exception as failure:
             self.log.failure("job {job}: could not start {tool}", job=job.id, tool=tool.name)
             run.output.write(f"could not start: {failure}\n".encode())
-            run.ending = None
             run.processEnded(_StartFailure())
             return
+        run.job = job.evolve(pid=process.pid)
+        self._record(run.job)
         run.timeout_call = self.clock.callLater(job.timeout, run.terminate, TIMED_OUT)
         self.log.debug("job {job} started: {tool}", job=job.id, tool=tool.name)
 

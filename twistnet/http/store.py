@@ -80,12 +80,12 @@ class IJobStore(Interface):
 
 _COLUMNS = (
     "id, tool, params, status, timeout, created, started, finished, "
-    "exit_code, result, error, truncated, output_size"
+    "exit_code, result, error, truncated, output_size, pid"
 )
 
 # SQL below is built only from these constants and fixed fragments; every value is a bound
 # parameter (hence the S608 exemptions).
-_INSERT = f"INSERT INTO jobs ({_COLUMNS}) VALUES ({', '.join('?' * 13)})"  # noqa: S608
+_INSERT = f"INSERT INTO jobs ({_COLUMNS}) VALUES ({', '.join('?' * 14)})"  # noqa: S608
 _UPDATE = "UPDATE jobs SET {} WHERE id = ?".format(  # noqa: S608
     ", ".join(f"{name.strip()} = ?" for name in _COLUMNS.split(",")[1:])
 )
@@ -110,7 +110,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     result TEXT,
     error TEXT,
     truncated INTEGER NOT NULL DEFAULT 0,
-    output_size INTEGER NOT NULL DEFAULT 0
+    output_size INTEGER NOT NULL DEFAULT 0,
+    pid INTEGER
 );
 CREATE INDEX IF NOT EXISTS jobs_by_status ON jobs (status, seq);
 CREATE INDEX IF NOT EXISTS jobs_by_tool ON jobs (tool, seq);
@@ -133,12 +134,13 @@ def _row(job: Job) -> tuple:
         job.error,
         int(job.truncated),
         job.output_size,
+        job.pid,
     )
 
 
 def _job(row: tuple) -> Job:
     (id, tool, params, status, timeout, created, started, finished) = row[:8]
-    (exit_code, result, error, truncated, output_size) = row[8:13]
+    (exit_code, result, error, truncated, output_size, pid) = row[8:14]
     return Job(
         id=id,
         tool=tool,
@@ -153,6 +155,7 @@ def _job(row: tuple) -> Job:
         error=error,
         truncated=bool(truncated),
         output_size=output_size,
+        pid=pid,
     )
 
 
