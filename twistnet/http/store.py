@@ -285,7 +285,7 @@ class SQLiteJobStore(Service):
             stopped.callback(None)
 
     def _submit(self, function: Callable[[sqlite3.Connection], Any], write: bool = False):
-        if self._thread is None or not self._thread.is_alive():
+        if self._thread is None or not self._thread.is_alive() or self._stopped is not None:
             return defer.fail(StoreError("the job store is not running"))
         op = _Operation(function, write)
         self._queue.put(op)

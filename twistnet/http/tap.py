@@ -13,8 +13,8 @@ import os
 from pathlib import Path
 
 from twisted.application.internet import TimerService
-from twisted.application.service import MultiService
-from twisted.internet import endpoints
+from twisted.application.service import MultiService, Service
+from twisted.internet import defer, endpoints
 from twisted.logger import Logger
 from twisted.python import usage
 
@@ -202,6 +202,18 @@ class Options(ServiceOptions):
         return token.encode()
 
 
+class InOrder(MultiService):
+    """Children started in order and stopped in reverse, each stop awaited before the next."""
+
+    async def _stop(self) -> None:
+        for child in reversed(list(self)):
+            await defer.maybeDeferred(child.stopService)
+
+    def stopService(self) -> defer.Deferred[None]:
+        Service.stopService(self)
+        return defer.Deferred.fromCoroutine(self._stop())
+
+
 def makeService(options: usage.Options, reactor=None) -> MultiService:
     set_level(options["log-level"])
     try:
@@ -220,9 +232,11 @@ def makeService(options: usage.Options, reactor=None) -> MultiService:
         reactor=reactor,
     )
     top = ServiceRoot("twistnet-http", reactor)
-    # Started in this order, stopped in reverse: listeners, connections, runner, store.
-    store.setServiceParent(top)
-    runner.setServiceParent(top)
+    # The runner's last job updates must reach the store before it closes.
+    jobs = InOrder()
+    jobs.setServiceParent(top)
+    store.setServiceParent(jobs)
+    runner.setServiceParent(jobs)
     if options["keep-days"]:
         seconds = options["keep-days"] * 86400
 
@@ -234,7 +248,7 @@ def makeService(options: usage.Options, reactor=None) -> MultiService:
         pruner = TimerService(PRUNE_INTERVAL, prune)
         if reactor is not None:
             pruner.clock = reactor
-        pruner.setServiceParent(top)
+        pruner.setServiceParent(jobs)
     ConnectionCloser(site.registry).setServiceParent(top)
     log.info(
         "twistnet-http: tools {tools}; jobs in {db}; {workers} workers, queue {queue}; {auth}",
