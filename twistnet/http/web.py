@@ -517,8 +517,9 @@ def _int_query(args, name: bytes, default: int, low: int, high: int | None) -> i
 
 class EventStream:
     """
-    A job's output as server-sent events: each event carries whole lines, its id is the byte
-    offset after them (resume with Last-Event-ID), and a final C{end} event gives the status.
+    A job's output as server-sent events: one event per line of output (without its line
+    break), whose id is the byte offset after that line, so Last-Event-ID resumes exactly;
+    a final C{end} event gives the status.
     """
 
     def __init__(self, api: JobApi, request: server.Request, job: Job, offset: int) -> None:
@@ -556,10 +557,14 @@ class EventStream:
             # Whole lines only while it runs, so an event never splits a line or a character.
             data = data[: data.rfind(b"\n") + 1]
         if data:
-            self.offset += len(data)
-            text = data.decode("utf-8", "replace").replace("\r\n", "\n").replace("\r", "\n")
-            lines = "".join(f"data: {line}\n" for line in text.split("\n"))
-            self.request.write(f"id: {self.offset}\n{lines}\n".encode())
+            events = []
+            for line in data.splitlines(keepends=True):
+                self.offset += len(line)
+                # A CR inside a line would end an SSE field: it becomes a line break.
+                text = line.rstrip(b"\r\n").decode("utf-8", "replace").replace("\r", "\n")
+                fields = "".join(f"data: {part}\n" for part in text.split("\n"))
+                events.append(f"id: {self.offset}\n{fields}\n")
+            self.request.write("".join(events).encode())
         if job.terminal:
             end = encode({"status": job.status, "exit_code": job.exit_code})
             self.request.write(b"event: end\nid: %d\ndata: %s\n" % (self.offset, end))
