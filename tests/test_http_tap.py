@@ -9,6 +9,7 @@ import urllib.error
 import urllib.request
 
 import pytest
+from http_support import group_gone
 from twisted.internet.testing import MemoryReactorClock
 from twisted.python import usage
 
@@ -178,17 +179,9 @@ def test_restart_keeps_finished_jobs_marks_running_lost_and_runs_queued(twistd, 
     assert lost["status"] == "lost" and "stopped while the job ran" in lost["error"]
     assert finished(port, queued)["status"] == "succeeded"
     # The crashed job's process group was killed by the restart: no orphan.
-    wait_until(lambda: _group_gone(pgid))
+    wait_until(lambda: group_gone(pgid))
     restarted.wait_for_line(f"killing its leftover process group {pgid}")
     assert restarted.terminate() == 0
-
-
-def _group_gone(pgid):
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return True
-    return False
 
 
 def test_sigterm_with_a_running_job_exits_zero_and_requeues_a_safe_one(twistd, tmp_path):
@@ -200,7 +193,7 @@ def test_sigterm_with_a_running_job_exits_zero_and_requeues_a_safe_one(twistd, t
     wait_until(lambda: request(port, "GET", f"/jobs/{unsafe}")[1]["output"].strip())
     pgid = int(request(port, "GET", f"/jobs/{unsafe}")[1]["output"])
     assert server.terminate(timeout=15) == 0
-    assert _group_gone(pgid)
+    assert group_gone(pgid)
     restarted = twistd("twistnet-http", "--port", "0", "--config", "tools.toml")
     port = restarted.port()
     assert request(port, "GET", f"/jobs/{unsafe}")[1]["status"] == "lost"

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 import sqlite3
 import time
 
 import pytest
 import pytest_twisted
 import treq
+from http_support import group_gone, poll
 from openapi_spec_validator import validate
 from twisted.internet import defer, task, threads
 from twisted.web.client import HTTPConnectionPool
@@ -101,14 +101,6 @@ def serve(tmp_path, reactor, listen):
             await server.store.stopService()
 
     pytest_twisted.blockon(defer.ensureDeferred(stop()))
-
-
-def group_gone(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return True
-    return False
 
 
 # --- the happy path -------------------------------------------------------------------------
@@ -347,23 +339,14 @@ async def test_cancel_and_timeout_leave_no_process_behind(serve):
     server = await serve()
     _, _, running = await server.json("POST", "/jobs", {"tool": "tree", "params": {"x": "1"}})
     _, _, timed = await server.json("POST", "/jobs", {"tool": "tree", "timeout": 0.5})
-    from twisted.internet import reactor
-
-    for _ in range(500):
-        if server.store.read_output(running["id"]).strip():
-            break
-        await task.deferLater(reactor, 0.01, lambda: None)
+    await poll(lambda: server.store.read_output(running["id"]).strip(), "no output")
     code, _, cancelled = await server.json("DELETE", f"/jobs/{running['id']}")
     assert code == 200 and cancelled["status"] == "cancelled"
     timed_out = await server.until_done(timed["id"])
     assert timed_out["status"] == "timed_out" and timed_out["error"] == "timed out after 0.5 s"
     for job in (cancelled, timed_out):
         pgid = int(job["output"].split()[0])
-        for _ in range(500):
-            if group_gone(pgid):
-                break
-            await task.deferLater(reactor, 0.01, lambda: None)
-        assert group_gone(pgid), f"process group {pgid} of job {job['id']} survived"
+        await poll(lambda g=pgid: group_gone(g), f"process group {pgid} of {job['id']} survived")
 
 
 @pytest_twisted.ensureDeferred

@@ -22,7 +22,7 @@ def main(argv: list[str]) -> int:
     params = json.loads(sys.stdin.read())
     function = getattr(importlib.import_module(module_name), function_name)
     result = function(**params)
-    encoded = json.dumps(result)
+    encoded = json.dumps(result, allow_nan=False)
     with os.fdopen(RESULT_FD, "w") as out:
         out.write(encoded)
     return 0

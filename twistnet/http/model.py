@@ -114,6 +114,12 @@ class Param:
             return value
         if len(value) > self.max_length:
             raise ParamError(self.name, f"must be at most {self.max_length} characters")
+        if not value.isascii():
+            try:
+                value.encode()
+            except UnicodeEncodeError:
+                # A lone surrogate (JSON "\ud800") is no text that a file or an argv can hold.
+                raise ParamError(self.name, "must be valid Unicode text") from None
         if "\x00" in value:
             # No argv element or environment value can carry a NUL byte.
             raise ParamError(self.name, "must not contain a NUL character")

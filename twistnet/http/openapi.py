@@ -175,7 +175,11 @@ def document(tools: Iterable[Tool], token_required: bool) -> dict[str, Any]:
                 "summary": "The raw output from a byte offset; with Accept: text/event-stream, "
                 "a live stream of it that resumes from Last-Event-ID.",
                 "parameters": [
-                    {"name": "offset", "in": "query", "schema": {"type": "integer", "minimum": 0}},
+                    {
+                        "name": "offset",
+                        "in": "query",
+                        "schema": {"type": "integer", "minimum": 0, "maximum": 2**53},
+                    },
                     {
                         "name": "Last-Event-ID",
                         "in": "header",

@@ -53,6 +53,9 @@ SSE_KEEPALIVE = 15.0
 LOG_CHUNK = 1024 * 1024
 #: Rendered finished jobs kept for fast GET /jobs/{id}: a finished job never changes.
 RENDERED_CACHE = 1024
+#: The largest byte offset or cursor accepted: beyond any real output, within SQLite's and
+#: seek()'s 64-bit integers.
+MAX_OFFSET = 2**53
 #: Job ids are made here (uuid4 hex); anything else in the path is simply not a job.
 JOB_ID = re.compile(r"[0-9a-f]{32}")
 
@@ -413,7 +416,7 @@ class JobApi(resource.Resource):
             raise ApiError(400, "bad request", f"status must be one of {', '.join(STATUSES)}.")
         limit = _int_query(args, b"limit", 50, 1, MAX_LIMIT)
         cursor = _query(args, b"cursor")
-        if cursor is not None and not cursor.isdigit():
+        if cursor is not None and not (cursor.isdigit() and int(cursor) <= MAX_OFFSET):
             raise ApiError(400, "bad request", "cursor must be the next_cursor of a previous page.")
 
         def page(found: tuple[list[Job], str | None]) -> None:
@@ -428,14 +431,17 @@ class JobApi(resource.Resource):
         return self.store.list(status, _query(args, b"tool"), limit, cursor).addCallback(page)
 
     def job_log(self, request: server.Request, job_id: str) -> defer.Deferred[None]:
-        offset = _int_query(request.args, b"offset", 0, 0, None)
+        offset = _int_query(request.args, b"offset", 0, 0, MAX_OFFSET)
         streaming = b"text/event-stream" in (request.getHeader(b"accept") or b"")
 
         async def respond() -> None:
             job = await self._job_or_404(job_id)
             if streaming:
                 resume = request.getHeader(b"last-event-id")
-                start = int(resume) if resume and resume.isdigit() else offset
+                if resume and resume.isdigit():
+                    start = min(int(resume), MAX_OFFSET)
+                else:
+                    start = offset
                 self._count(request, "/jobs/{id}/log", 200)
                 EventStream(self, request, job, start).start()
                 return
