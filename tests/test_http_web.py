@@ -255,6 +255,9 @@ async def test_bodies_over_max_body_are_413_declared_or_chunked(serve):
             # Declared too large: refused at the headers, before any of the body is sent.
             b"POST /jobs HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
             b"Content-Length: 5000\r\n\r\n",
+            # Nor is a client that asks first told to go on.
+            b"POST /jobs HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Expect: 100-continue\r\nContent-Length: 5000\r\n\r\n",
             b"POST /jobs HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
             b"Transfer-Encoding: chunked\r\n\r\n"
             + b"200\r\n"
@@ -269,7 +272,9 @@ async def test_bodies_over_max_body_are_413_declared_or_chunked(serve):
                 replies.append(recv_until_closed(sock))
         return replies
 
-    for reply in await threads.deferToThread(exchange):
+    replies = await threads.deferToThread(exchange)
+    assert len(replies) == 3
+    for reply in replies:
         assert reply.startswith(b"HTTP/1.1 413 ")
         assert b'"error":"request too large"' in reply
 
@@ -526,3 +531,21 @@ async def test_trickled_headers_are_cut_off_by_the_request_timeout(serve):
     received, elapsed = await slow
     assert received.startswith(b"HTTP/1.1 408 "), received
     assert 0.9 < elapsed < 6
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_stream_client_that_vanishes_leaves_nothing_behind(serve):
+    server = await serve()
+    _, _, job = await server.json("POST", "/jobs", {"tool": "sleep", "params": {"seconds": 30}})
+
+    def open_and_vanish():
+        with connect(server.port) as sock:
+            sock.sendall(
+                f"GET /jobs/{job['id']}/log HTTP/1.1\r\nHost: x\r\n"
+                "Accept: text/event-stream\r\n\r\n".encode()
+            )
+            recv_until(sock, lambda data: b": job " in data)
+
+    await threads.deferToThread(open_and_vanish)
+    await poll(lambda: not server.runner._watchers, "the stream's watcher outlived its client")
+    assert (await server.json("DELETE", f"/jobs/{job['id']}"))[2]["status"] == "cancelled"
