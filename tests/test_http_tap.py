@@ -137,14 +137,15 @@ def finished(port, job_id):
     return wait_until(done, interval=0.05)
 
 
-def test_twistd_with_builtin_tools_runs_a_job(twistd):
-    server = twistd("twistnet-http", "--port", "0")
+def test_twistd_with_builtin_tools_runs_a_job_and_logs_requests_at_debug(twistd):
+    server = twistd("twistnet-http", "--port", "0", "--log-level", "debug")
     port = server.port()
     server.wait_for_line("tools echo, sleep, date, wordcount")
     status, accepted = request(port, "POST", "/jobs", {"tool": "echo", "params": {"text": "hi"}})
     assert status == 202
     job = finished(port, accepted["id"])
     assert job["status"] == "succeeded" and job["output"] == "hi\n"
+    server.wait_for_line(r"POST /jobs 202")
     assert server.terminate() == 0
 
 

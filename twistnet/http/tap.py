@@ -137,7 +137,7 @@ class Options(ServiceOptions):
             non_negative_float,
         ],
         ["config", None, None, "A TOML file declaring tools (see twistnet.http.tools)."],
-        ["log-level", None, LEVELS["info"], "Least level logged.", _log_level],
+        ["log-level", None, "info", "Least level logged.", _log_level],
     ]
 
     def __init__(self) -> None:
@@ -215,7 +215,8 @@ class InOrder(MultiService):
 
 
 def makeService(options: usage.Options, reactor=None) -> MultiService:
-    set_level(options["log-level"])
+    level = options["log-level"]
+    set_level(_log_level(level) if isinstance(level, str) else level)
     try:
         store = SQLiteJobStore(options["db"], reactor)
     except StoreError as error:
