@@ -288,3 +288,18 @@ def test_a_running_job_records_its_process_group_until_it_ends():
     assert runner.store.jobs[job(1).id].pid == 1000
     end(reactor.spawned[0][0])
     assert runner.store.jobs[job(1).id].pid is None
+
+
+def test_a_tool_that_cannot_start_fails_its_job_and_frees_the_worker():
+    runner, reactor, _ = make_runner(workers=1)
+
+    def refuse(*args, **kwargs):
+        raise OSError(2, "No such file or directory")
+
+    reactor.spawnProcess = refuse
+    runner.submit(job(1))
+    failed = runner.store.jobs[job(1).id]
+    assert failed.status == FAILED and failed.exit_code == 127
+    assert b"could not start" in runner.store.read_output(job(1).id)
+    assert not runner.active
+    assert reactor.getDelayedCalls() == []

@@ -176,6 +176,12 @@ argv = ["ls", "-l", "{path}"]
         ("[other]\n", "unknown section"),
         ("", "declares no"),
         ("[tools.x\n", "not valid TOML"),
+        ("[tools.x]\ncommand='a'\ntimeout='soon'\n", "'timeout' must be"),
+        ("[tools.x]\ncommand='a'\nmax_concurrent=1.5\n", "'max_concurrent' must be"),
+        ("[tools.x]\ncommand='a'\ncwd='/nonexistent'\n", "is not a directory"),
+        ("[tools.x]\ncommand='a {p}'\n[tools.x.params.p]\npattern='['\n", "unterminated"),
+        ("[tools.x]\ncommand='a {p}'\n[tools.x.params.p]\ntype='integer'\nmin='1'\n", "'minimum'"),
+        ("[tools.x]\ncommand='a {p}'\n[tools.x.params.p]\nrequired='no'\n", "'required'"),
     ],
 )
 def test_bad_config_files_say_why(tmp_path, text, message):

@@ -15,6 +15,7 @@ from typing import Any
 
 import attrs
 from attrs import field, frozen
+from attrs.validators import deep_iterable, instance_of, optional
 
 QUEUED = "queued"
 RUNNING = "running"
@@ -67,16 +68,18 @@ class Param:
 
     name: str
     kind: str = "string"
-    required: bool = True
+    required: bool = field(default=True, validator=instance_of(bool))
     default: Any = None
-    description: str = ""
+    description: str = field(default="", validator=instance_of(str))
     pattern: re.Pattern[str] | None = field(default=None, converter=_compile)
-    choices: tuple[str, ...] = field(default=(), converter=tuple)
-    minimum: int | None = None
-    maximum: int | None = None
-    max_length: int = DEFAULT_MAX_LENGTH
-    allow_dash: bool = False
-    flag: str | None = None
+    choices: tuple[str, ...] = field(
+        default=(), converter=tuple, validator=deep_iterable(instance_of(str))
+    )
+    minimum: int | None = field(default=None, validator=optional(instance_of(int)))
+    maximum: int | None = field(default=None, validator=optional(instance_of(int)))
+    max_length: int = field(default=DEFAULT_MAX_LENGTH, validator=instance_of(int))
+    allow_dash: bool = field(default=False, validator=instance_of(bool))
+    flag: str | None = field(default=None, validator=optional(instance_of(str)))
 
     def __attrs_post_init__(self) -> None:
         if not PARAM_NAME.fullmatch(self.name):
@@ -185,12 +188,12 @@ class Tool:
     argv: tuple[ArgTemplate, ...] = ()
     function: str | None = None
     params: tuple[Param, ...] = field(default=(), converter=tuple)
-    timeout: float = 60.0
-    max_concurrent: int = 0
+    timeout: float = field(default=60.0, validator=instance_of((int, float)))
+    max_concurrent: int = field(default=0, validator=instance_of(int))
     cwd: str | None = None
     env: tuple[tuple[str, str], ...] = field(default=(), converter=lambda env: tuple(env))
-    retry_safe: bool = False
-    description: str = ""
+    retry_safe: bool = field(default=False, validator=instance_of(bool))
+    description: str = field(default="", validator=instance_of(str))
 
     def __attrs_post_init__(self) -> None:
         if not TOOL_NAME.fullmatch(self.name):

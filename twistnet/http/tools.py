@@ -33,6 +33,8 @@ A placeholder without a ``params`` entry is a required string.
 
 from __future__ import annotations
 
+import os
+import re
 import shlex
 import string
 import tomllib
@@ -150,7 +152,7 @@ def _param(tool: str, name: str, spec: Any) -> Param:
     fields = {_PARAM_KEYS[key]: value for key, value in spec.items()}
     try:
         return Param(name=name, **fields)
-    except (TypeError, ValueError) as error:
+    except (TypeError, ValueError, re.error) as error:
         raise ToolConfigError(f"tool {tool!r}: {error}") from None
 
 
@@ -190,17 +192,20 @@ def tool_from_table(name: str, table: Any) -> Tool:
         isinstance(key, str) and isinstance(value, str) for key, value in env.items()
     ):
         raise ToolConfigError(f"tool {name!r}: env must be a table of strings")
+    cwd = table.get("cwd")
+    if cwd is not None and not (isinstance(cwd, str) and os.path.isdir(cwd)):
+        raise ToolConfigError(f"tool {name!r}: cwd {cwd!r} is not a directory")
     return _build(
         name,
         argv=argv,
         function=function,
         params=params,
-        timeout=float(table.get("timeout", DEFAULT_TIMEOUT)),
-        max_concurrent=int(table.get("max_concurrent", 0)),
-        cwd=table.get("cwd"),
+        timeout=table.get("timeout", DEFAULT_TIMEOUT),
+        max_concurrent=table.get("max_concurrent", 0),
+        cwd=cwd,
         env=tuple(sorted(env.items())),
-        retry_safe=bool(table.get("retry_safe", False)),
-        description=str(table.get("description", "")),
+        retry_safe=table.get("retry_safe", False),
+        description=table.get("description", ""),
     )
 
 
