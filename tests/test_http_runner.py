@@ -303,3 +303,15 @@ def test_a_tool_that_cannot_start_fails_its_job_and_frees_the_worker():
     assert b"could not start" in runner.store.read_output(job(1).id)
     assert not runner.active
     assert reactor.getDelayedCalls() == []
+
+
+def test_output_that_cannot_be_written_is_counted_as_omitted():
+    class FullDisk(io.RawIOBase):
+        def write(self, data):
+            raise OSError(28, "No space left on device")
+
+    capture = OutputCapture(FullDisk(), head=4, tail=4)
+    capture.write(b"0123456789")
+    capture.close()
+    assert capture.error.errno == 28
+    assert capture.truncated and capture.kept == 0

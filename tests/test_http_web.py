@@ -549,3 +549,23 @@ async def test_a_stream_client_that_vanishes_leaves_nothing_behind(serve):
     await threads.deferToThread(open_and_vanish)
     await poll(lambda: not server.runner._watchers, "the stream's watcher outlived its client")
     assert (await server.json("DELETE", f"/jobs/{job['id']}"))[2]["status"] == "cancelled"
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_store_that_cannot_write_answers_503_and_recovers(serve, monkeypatch):
+    server = await serve()
+    real = server.store._submit
+
+    def disk_full(function, write=False):
+        if write:
+            return defer.fail(sqlite3.OperationalError("database or disk is full"))
+        return real(function, write)
+
+    monkeypatch.setattr(server.store, "_submit", disk_full)
+    job = {"tool": "echo", "params": {"text": "x"}}
+    code, headers, body = await server.json("POST", "/jobs", job)
+    assert code == 503 and body["error"] == "store unavailable"
+    assert headers.getRawHeaders(b"retry-after") == [b"5"]
+    assert server.runner.queue_depth() == 0
+    monkeypatch.setattr(server.store, "_submit", real)
+    assert (await server.json("POST", "/jobs", job))[0] == 202

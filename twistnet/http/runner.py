@@ -142,15 +142,18 @@ class OutputCapture:
         self.total = 0
         self.kept = 0
         self.omitted = 0
+        #: Why the output file could not be written (disk full, say), or None.
+        self.error: OSError | None = None
 
     def write(self, data: bytes) -> None:
         self.total += len(data)
         if self._head_room:
             head, data = data[: self._head_room], data[self._head_room :]
-            self._sink.write(head)
-            self._sink.flush()
             self._head_room -= len(head)
-            self.kept += len(head)
+            if self._write(head):
+                self.kept += len(head)
+            else:
+                self.omitted += len(head)
         if data:
             self._tail += data
             excess = len(self._tail) - self._tail_limit
@@ -162,16 +165,31 @@ class OutputCapture:
     def truncated(self) -> bool:
         return self.omitted > 0
 
+    def _write(self, data: bytes) -> bool:
+        """Append to the file; a failure is remembered and the output kept going without it."""
+        if self.error is not None:
+            return False
+        try:
+            self._sink.write(data)
+            self._sink.flush()
+        except OSError as error:
+            self.error = error
+            return False
+        return True
+
     def close(self) -> None:
         """Write the tail (after an omission marker if bytes were dropped) and close."""
         if self.truncated:
             marker = f"\n[... {self.omitted} bytes of output omitted ...]\n".encode()
-            self._sink.write(marker)
-            self.kept += len(marker)
-        self._sink.write(self._tail)
-        self.kept += len(self._tail)
+            if self._write(marker):
+                self.kept += len(marker)
+        if self._write(bytes(self._tail)):
+            self.kept += len(self._tail)
         self._tail = bytearray()
-        self._sink.close()
+        try:
+            self._sink.close()
+        except OSError as error:
+            self.error = self.error or error
 
 
 class _Run(protocol.ProcessProtocol):
@@ -245,6 +263,12 @@ class _Run(protocol.ProcessProtocol):
             self.kill_call.cancel()
         self.kill_call = None
         self.output.close()
+        if self.output.error is not None:
+            self.runner.log.error(
+                "job {job}: could not write its output: {error}",
+                job=self.job.id,
+                error=self.output.error,
+            )
         exit_code = getattr(reason.value, "exitCode", None)
         signum = getattr(reason.value, "signal", None)
         changes: dict[str, Any] = {

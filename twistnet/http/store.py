@@ -45,6 +45,16 @@ class StoreError(Exception):
     """The store cannot be opened or used; the message is for the operator."""
 
 
+class StoreUnavailable(StoreError):
+    """A write could not be committed (disk full, I/O error): worth retrying later."""
+
+
+def _unavailable(failure: Failure) -> Failure:
+    if failure.check(sqlite3.OperationalError, OSError):
+        return Failure(StoreUnavailable(f"the job could not be stored: {failure.value}"))
+    return failure
+
+
 class IJobStore(Interface):
     """Durable jobs and their output. Every method returns a Deferred unless noted."""
 
@@ -304,7 +314,9 @@ class SQLiteJobStore(Service):
     def add(self, job: Job) -> defer.Deferred[None]:
         row = _row(job)
         self._remember(job)
-        return self._submit(lambda db: db.execute(_INSERT, row) and None, write=True)
+        return self._submit(lambda db: db.execute(_INSERT, row) and None, write=True).addErrback(
+            _unavailable
+        )
 
     def update(self, job: Job) -> defer.Deferred[None]:
         row = _row(job)

@@ -38,7 +38,7 @@ from twistnet.http._logging import LEVELS, enabled
 from twistnet.http._logging import observer as log_observer
 from twistnet.http.model import STATUSES, Job, ParamError, Tool
 from twistnet.http.runner import IRunner, QueueFull
-from twistnet.http.store import MAX_LIMIT, IJobStore
+from twistnet.http.store import MAX_LIMIT, IJobStore, StoreUnavailable
 
 log = Logger(observer=log_observer)
 
@@ -352,6 +352,14 @@ class JobApi(resource.Resource):
             )
 
         def refused(failure):
+            if failure.check(StoreUnavailable):
+                log.error("job not stored: {error}", error=failure.value)
+                raise ApiError(
+                    503,
+                    "store unavailable",
+                    "The job could not be stored; try again later.",
+                    {b"retry-after": b"5"},
+                )
             failure.trap(QueueFull)
             raise ApiError(
                 429,
