@@ -108,8 +108,16 @@ def test_make_service_listens_with_the_capped_site(tmp_path):
     assert isinstance(factory, JobSite)
     assert factory.registry.max_connections == 20
     assert factory.max_body == 1024 * 1024
-    (store,) = [s for s in service.services[0] if type(s).__name__ == "SQLiteJobStore"]
-    store.stopService()
+    jobs = [type(s).__name__ for s in service.services[0]]
+    assert jobs == ["SQLiteJobStore", "LocalRunner", "TimerService"]
+    service.services[0].services[0].stopService()
+    options = parse("--keep-days", "0", "--db", str(tmp_path / "j.db"))
+    without_pruning = makeService(options, reactor=MemoryReactorClock())
+    assert [type(s).__name__ for s in without_pruning.services[0]] == [
+        "SQLiteJobStore",
+        "LocalRunner",
+    ]
+    without_pruning.services[0].services[0].stopService()
 
 
 # --- end to end: twistd -n twistnet-http --------------------------------------------------------

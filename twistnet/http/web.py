@@ -11,6 +11,7 @@ when one is set, compared in constant time.
 from __future__ import annotations
 
 import collections
+import hashlib
 import hmac
 import io
 import json
@@ -179,7 +180,8 @@ class JobApi(resource.Resource):
         self.runner = runner
         self.tools = tools
         self.clock = clock
-        self._expected = b"Bearer " + token if token else None
+        # Digests: the constant-time comparison then also hides the length of the token.
+        self._expected = hashlib.sha256(b"Bearer " + token).digest() if token else None
         self.metrics = Metrics(runner)
         runner.on_finished.append(self.metrics.job_finished)
         self._rendered: collections.OrderedDict[str, bytes] = collections.OrderedDict()
@@ -294,7 +296,7 @@ class JobApi(resource.Resource):
             return
         given = request.getHeader(b"authorization") or b""
         # Constant time: the comparison must not reveal how much of a guess was right.
-        if not hmac.compare_digest(given, self._expected):
+        if not hmac.compare_digest(hashlib.sha256(given).digest(), self._expected):
             raise ApiError(
                 401,
                 "unauthorized",
