@@ -14,7 +14,7 @@ from openapi_spec_validator import validate
 from twisted.internet import defer, task, threads
 from twisted.web.client import HTTPConnectionPool
 
-from helpers import connect, recv_until, recv_until_closed
+from helpers import connect, recv_until, recv_until_closed, wait_until
 from twistnet.http import web
 from twistnet.http.model import Param, Tool
 from twistnet.http.openapi import ROUTES
@@ -491,7 +491,7 @@ async def test_max_connections_is_enforced_with_a_503(serve):
         with connect(server.port) as third:
             refused = recv_until_closed(third)
         first.close()
-        time.sleep(0.2)
+        wait_until(lambda: len(server.site.registry) < 2)
         with connect(server.port) as fourth:
             fourth.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
             served = recv_until_closed(fourth)
