@@ -39,7 +39,7 @@ class MemoryStore:
         return defer.succeed([j for j in self.jobs.values() if j.status in (QUEUED, RUNNING)])
 
     def open_output(self, job_id):
-        buffer = self.outputs.setdefault(job_id, bytearray())
+        buffer = self.outputs[job_id] = bytearray()
 
         class Sink(io.RawIOBase):
             def write(self, data):

@@ -315,3 +315,21 @@ def test_output_that_cannot_be_written_is_counted_as_omitted():
     capture.close()
     assert capture.error.errno == 28
     assert capture.truncated and capture.kept == 0
+
+
+def test_stopping_requeues_a_retry_safe_job_cleanly_and_loses_the_others():
+    unsafe = Tool(name="unsafe", argv=split_command("true"))
+    runner, reactor, signals = make_runner(tools=[*BUILTIN_TOOLS, unsafe])
+    runner.submit(job(1))  # echo: retry-safe
+    runner.submit(job(2, tool="unsafe", params={}))
+    stopped = runner.stopService()
+    assert sorted(signals) == [(1000, signal.SIGTERM), (1001, signal.SIGTERM)]
+    for proto, *_ in reactor.spawned:
+        proto.childDataReceived(1, b"partial\n")
+        end(proto, exit_code=None, signum=signal.SIGTERM)
+    assert stopped.called
+    again = runner.store.jobs[job(1).id]
+    assert again.status == QUEUED
+    assert (again.started, again.finished, again.exit_code, again.output_size) == (None,) * 3 + (0,)
+    assert runner.store.jobs[job(2).id].status == LOST
+    assert len(reactor.spawned) == 2, "nothing starts while stopping"

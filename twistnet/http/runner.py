@@ -391,7 +391,15 @@ class LocalRunner(Service):
     def _interrupted(self, job: Job, tool: Tool) -> dict[str, Any]:
         """The changes for a job whose run the server's stop cut short."""
         if tool.retry_safe:
-            return {"status": QUEUED, "started": None, "exit_code": None}
+            # Run again from the start: nothing of the cut-short run remains.
+            return {
+                "status": QUEUED,
+                "started": None,
+                "finished": None,
+                "exit_code": None,
+                "truncated": False,
+                "output_size": 0,
+            }
         return {
             "status": LOST,
             "finished": self.clock.seconds(),

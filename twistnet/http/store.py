@@ -82,7 +82,7 @@ class IJobStore(Interface):
         """Forget finished jobs that finished before C{before}, with their output."""
 
     def open_output(job_id: str) -> BinaryIO:
-        """A file the job's output is appended to (synchronous)."""
+        """A new, empty file for the job's output, replacing that of a cut-short run."""
 
     def read_output(job_id: str, offset: int, size: int) -> bytes:
         """Up to C{size} bytes of the job's output from C{offset} (synchronous)."""
@@ -410,7 +410,7 @@ class SQLiteJobStore(Service):
         return self.output_dir / f"{job_id}.log"
 
     def open_output(self, job_id: str) -> BinaryIO:
-        return open(self._output_path(job_id), "ab")
+        return open(self._output_path(job_id), "wb")
 
     def read_output(self, job_id: str, offset: int = 0, size: int = -1) -> bytes:
         try:
