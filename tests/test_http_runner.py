@@ -229,10 +229,8 @@ async def watch_until_done(runner, submitted):
 TREE = Tool(
     name="tree",
     # The operator's own shell script (a fixed argv): starts a grandchild that ignores
-    # SIGTERM, prints the group id, then waits.
-    argv=split_command(
-        "sh -c 'trap \"\" TERM; sleep 60 & echo $(ps -o pgid= $$) $!; wait' tree {x}"
-    ),
+    # SIGTERM, prints its own pid (its group's id: it leads its session) and the grandchild's.
+    argv=split_command("sh -c 'trap \"\" TERM; sleep 60 & echo $$ $!; wait' tree {x}"),
     params=[Param(name="x", required=False, default="1")],
     timeout=60,
 )
@@ -244,6 +242,9 @@ async def test_timeout_and_cancel_kill_the_whole_process_group(real_runner):
     timed = await runner.submit(job(1, tool="tree", params={"x": "1"}, timeout=1.0))
     cancelled = await runner.submit(job(2, tool="tree", params={"x": "2"}))
     await wait_output(runner, cancelled.id)
+    leader, grandchild = map(int, runner.store.read_output(cancelled.id).split())
+    assert os.getpgid(leader) == leader == os.getsid(leader) != os.getpgid(0)
+    assert os.getpgid(grandchild) == leader
     cancel_result = await runner.cancel(cancelled.id)
     assert cancel_result.status == CANCELLED
     timed_result = await watch_until_done(runner, timed)

@@ -30,7 +30,7 @@ LINES = Tool(
 )
 TREE = Tool(
     name="tree",
-    argv=split_command("sh -c 'sleep 60 & echo $(ps -o pgid= $$); wait' tree {x}"),
+    argv=split_command("sh -c 'sleep 60 & echo $$; wait' tree {x}"),
     params=[Param(name="x", default="x")],
     timeout=60,
 )
