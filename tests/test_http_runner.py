@@ -334,3 +334,19 @@ def test_stopping_requeues_a_retry_safe_job_cleanly_and_loses_the_others():
     assert (again.started, again.finished, again.exit_code, again.output_size) == (None,) * 3 + (0,)
     assert runner.store.jobs[job(2).id].status == LOST
     assert len(reactor.spawned) == 2, "nothing starts while stopping"
+
+
+@pytest_twisted.ensureDeferred
+async def test_without_setsid_a_tiny_python_starts_the_job_in_its_own_session(
+    real_runner, monkeypatch
+):
+    from twistnet.http import runner as runner_module
+
+    monkeypatch.setattr(runner_module.shutil, "which", lambda name: None)
+    prefix = runner_module.session_prefix()
+    assert prefix[:2] == [sys.executable, "-c"]
+    runner = real_runner([parse_tool_option("me=sh -c 'echo $$ $(cut -d\" \" -f6 /proc/$$/stat)'")])
+    runner.prefix = prefix
+    finished = await watch_until_done(runner, await runner.submit(job(1, tool="me", params={})))
+    pid, session = map(int, runner.store.read_output(finished.id).split())
+    assert finished.status == SUCCEEDED and pid == session
