@@ -350,3 +350,49 @@ async def test_without_setsid_a_tiny_python_starts_the_job_in_its_own_session(
     finished = await watch_until_done(runner, await runner.submit(job(1, tool="me", params={})))
     pid, session = map(int, runner.store.read_output(finished.id).split())
     assert finished.status == SUCCEEDED and pid == session
+
+
+class SlowStore(MemoryStore):
+    """Holds back the commit of every 'running' update until released."""
+
+    def __init__(self):
+        super().__init__()
+        self.pending = []
+
+    def update(self, job):
+        if job.status == RUNNING and job.pid is None:
+            self.jobs[job.id] = job
+            committed = defer.Deferred()
+            self.pending.append(committed)
+            return committed
+        return super().update(job)
+
+
+def test_a_job_is_spawned_only_once_its_start_is_committed():
+    store = SlowStore()
+    runner, reactor, _ = make_runner(store=store)
+    runner.submit(job(1))
+    assert reactor.spawned == [] and store.jobs[job(1).id].status == RUNNING
+    store.pending.pop().callback(None)
+    assert len(reactor.spawned) == 1
+
+
+def test_cancel_while_the_start_is_being_committed_never_spawns():
+    store = SlowStore()
+    runner, reactor, _ = make_runner(store=store)
+    runner.submit(job(1))
+    cancelled = runner.cancel(job(1).id)
+    store.pending.pop().callback(None)
+    assert reactor.spawned == []
+    assert cancelled.result.status == CANCELLED and cancelled.result.exit_code is None
+    assert not runner.active
+
+
+def test_a_start_that_cannot_be_recorded_fails_the_job_without_running_it():
+    store = SlowStore()
+    runner, reactor, _ = make_runner(store=store)
+    runner.submit(job(1))
+    store.pending.pop().errback(OSError(28, "No space left on device"))
+    assert reactor.spawned == []
+    assert store.jobs[job(1).id].status == FAILED
+    assert b"the job store failed" in store.read_output(job(1).id)

@@ -504,15 +504,35 @@ class LocalRunner(Service):
         return [*self.prefix, *argv]
 
     def _start(self, job: Job, tool: Tool) -> None:
+        """
+        Take a worker for C{job}: record it as running, durably, and only then spawn it, so
+        a crash can never make a job that may not run twice look as if it had not started.
+        """
         job = job.evolve(status=RUNNING, started=self.clock.seconds())
         run = _Run(self, job, tool, OutputCapture(self.store.open_output(job.id)))
+        self.active[job.id] = run
+        self._per_tool[tool.name] += 1
+        self._notify(job)
+        self.store.update(job).addCallbacks(
+            lambda _: self._spawn(run), lambda failure: self._not_recorded(run, failure)
+        )
+
+    def _not_recorded(self, run: _Run, failure) -> None:
+        self.log.failure("job {job}: could not record its start", failure, job=run.job.id)
+        run.output.write(f"not started: the job store failed: {failure.value}\n".encode())
+        run.processEnded(_NotStarted(127))
+
+    def _spawn(self, run: _Run) -> None:
+        job, tool = run.job, run.tool
+        if run.ending is not None:
+            # Cancelled (or the server is stopping) while its start was being recorded.
+            run.processEnded(_NotStarted(None))
+            return
         argv = self.command(job, tool)
         environment = {**self.base_environment, **dict(tool.env)}
         child_fds: dict[int, str] = {0: "w", 1: "r", 2: "r"}
         if tool.function:
             child_fds[RESULT_FD] = "r"
-        self.active[job.id] = run
-        self._per_tool[tool.name] += 1
         try:
             process = self.reactor.spawnProcess(
                 run, argv[0], argv, env=environment, path=tool.cwd, childFDs=child_fds
@@ -520,7 +540,7 @@ class LocalRunner(Service):
         except Exception as failure:
             self.log.failure("job {job}: could not start {tool}", job=job.id, tool=tool.name)
             run.output.write(f"could not start: {failure}\n".encode())
-            run.processEnded(_StartFailure())
+            run.processEnded(_NotStarted(127))
             return
         run.job = job.evolve(pid=process.pid)
         self._record(run.job)
@@ -548,10 +568,11 @@ class LocalRunner(Service):
             observer(job)
 
 
-class _StartFailure:
-    """Stands in for the ended-process reason when spawnProcess itself failed."""
+class _NotStarted:
+    """Stands in for the ended-process reason of a job whose process never ran."""
 
-    value = error.ProcessTerminated(exitCode=127)
+    def __init__(self, exit_code: int | None) -> None:
+        self.value = error.ProcessTerminated(exitCode=exit_code)
 
     def check(self, *kinds: type) -> type | None:
         return None
