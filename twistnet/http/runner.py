@@ -422,7 +422,7 @@ class LocalRunner(Service):
 
     def submit(self, job: Job) -> defer.Deferred[Job]:
         if self.queue_depth() >= self.queue_size:
-            # A rough wait: one queue's worth of runs shared by the workers, at least 1 s.
+            # Jobs leave the queue whenever a worker frees up: ask for a short, polite pause.
             return defer.fail(QueueFull(retry_after=1))
         self._reserved += 1
 
