@@ -1,0 +1,421 @@
+"""
+Where jobs live: the L{IJobStore} interface and L{SQLiteJobStore}, its SQLite implementation.
+
+SQLite is used through one connection owned by one dedicated thread, fed by a queue.
+The thread takes every operation waiting in the queue at once and runs them in a single
+transaction (group commit), so submissions arriving together cost one commit, one fsync,
+and each caller's Deferred fires only after that commit: a 202 is never sent for a job that
+is not on disk. Job output is kept in files beside the database, one per job.
+
+A later store shared by several machines (PostgreSQL, say) implements L{IJobStore} the same
+way; nothing outside this module knows about SQLite.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import sqlite3
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from twisted.application.service import Service
+from twisted.internet import defer
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import Interface, implementer
+
+from twistnet.http._logging import observer as log_observer
+from twistnet.http.model import QUEUED, RUNNING, TERMINAL, Job
+
+#: The most operations committed in one transaction: bounds the latency one commit adds to
+#: the first operation of a large batch.
+MAX_BATCH = 1000
+#: Jobs kept in memory for fast GET /jobs/{id}; the database has the rest.
+CACHE_SIZE = 4096
+#: The most jobs one listing returns.
+MAX_LIMIT = 500
+
+
+class StoreError(Exception):
+    """The store cannot be opened or used; the message is for the operator."""
+
+
+class StoreUnavailable(StoreError):
+    """A write could not be committed (disk full, I/O error): worth retrying later."""
+
+
+def _unavailable(failure: Failure) -> Failure:
+    if failure.check(sqlite3.OperationalError, OSError):
+        return Failure(StoreUnavailable(f"the job could not be stored: {failure.value}"))
+    return failure
+
+
+class IJobStore(Interface):
+    """Durable jobs and their output. Every method returns a Deferred unless noted."""
+
+    def add(job: Job) -> defer.Deferred[None]:
+        """Store a new job; fires once it is durable."""
+
+    def update(job: Job) -> defer.Deferred[None]:
+        """Store a job's new state; fires once it is durable."""
+
+    def get(job_id: str) -> defer.Deferred[Job | None]:
+        """The job with this id, or None."""
+
+    def cached(job_id: str) -> Job | None:
+        """The job if held in memory, else None, which says nothing (synchronous)."""
+
+    def list(
+        status: str | None, tool: str | None, limit: int, cursor: str | None
+    ) -> defer.Deferred[tuple[list[Job], str | None]]:
+        """Jobs newest first, filtered; and the cursor of the next page (None at the end)."""
+
+    def unfinished() -> defer.Deferred[list[Job]]:
+        """Jobs queued or running, oldest first (what a restart must deal with)."""
+
+    def prune(before: float) -> defer.Deferred[int]:
+        """Forget finished jobs that finished before C{before}, with their output."""
+
+    def open_output(job_id: str) -> BinaryIO:
+        """A new, empty file for the job's output, replacing that of a cut-short run."""
+
+    def read_output(job_id: str, offset: int, size: int) -> bytes:
+        """Up to C{size} bytes of the job's output from C{offset} (synchronous)."""
+
+
+_COLUMNS = (
+    "id, tool, params, status, timeout, created, started, finished, "
+    "exit_code, result, error, truncated, output_size, pid"
+)
+
+# SQL below is built only from these constants and fixed fragments; every value is a bound
+# parameter (hence the S608 exemptions).
+_INSERT = f"INSERT INTO jobs ({_COLUMNS}) VALUES ({', '.join('?' * 14)})"  # noqa: S608
+_UPDATE = "UPDATE jobs SET {} WHERE id = ?".format(  # noqa: S608
+    ", ".join(f"{name.strip()} = ?" for name in _COLUMNS.split(",")[1:])
+)
+_SELECT = f"SELECT {_COLUMNS} FROM jobs"  # noqa: S608
+_TERMINAL = sorted(TERMINAL)
+_PRUNABLE = f"finished < ? AND status IN ({', '.join('?' * len(_TERMINAL))})"
+_SELECT_PRUNABLE = "SELECT id FROM jobs WHERE " + _PRUNABLE  # noqa: S608
+_DELETE_PRUNABLE = "DELETE FROM jobs WHERE " + _PRUNABLE  # noqa: S608
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    seq INTEGER PRIMARY KEY,
+    id TEXT NOT NULL UNIQUE,
+    tool TEXT NOT NULL,
+    params TEXT NOT NULL,
+    status TEXT NOT NULL,
+    timeout REAL NOT NULL,
+    created REAL NOT NULL,
+    started REAL,
+    finished REAL,
+    exit_code INTEGER,
+    result TEXT,
+    error TEXT,
+    truncated INTEGER NOT NULL DEFAULT 0,
+    output_size INTEGER NOT NULL DEFAULT 0,
+    pid INTEGER
+);
+CREATE INDEX IF NOT EXISTS jobs_by_status ON jobs (status, seq);
+CREATE INDEX IF NOT EXISTS jobs_by_tool ON jobs (tool, seq);
+CREATE INDEX IF NOT EXISTS jobs_by_finished ON jobs (finished);
+"""
+
+
+def _row(job: Job) -> tuple:
+    return (
+        job.id,
+        job.tool,
+        json.dumps(job.params),
+        job.status,
+        job.timeout,
+        job.created,
+        job.started,
+        job.finished,
+        job.exit_code,
+        None if job.result is None else json.dumps(job.result),
+        job.error,
+        int(job.truncated),
+        job.output_size,
+        job.pid,
+    )
+
+
+def _job(row: tuple) -> Job:
+    (id, tool, params, status, timeout, created, started, finished) = row[:8]
+    (exit_code, result, error, truncated, output_size, pid) = row[8:14]
+    return Job(
+        id=id,
+        tool=tool,
+        params=json.loads(params),
+        status=status,
+        timeout=timeout,
+        created=created,
+        started=started,
+        finished=finished,
+        exit_code=exit_code,
+        result=None if result is None else json.loads(result),
+        error=error,
+        truncated=bool(truncated),
+        output_size=output_size,
+        pid=pid,
+    )
+
+
+class _Operation:
+    __slots__ = ("deferred", "function", "result", "succeeded", "write")
+
+    def __init__(self, function: Callable[[sqlite3.Connection], Any], write: bool) -> None:
+        self.function = function
+        self.write = write
+        self.deferred: defer.Deferred[Any] = defer.Deferred()
+        self.result: Any = None
+        self.succeeded = False
+
+
+_STOP = object()
+
+
+@implementer(IJobStore)
+class SQLiteJobStore(Service):
+    """
+    Jobs in one SQLite database in WAL mode, through one dedicated connection thread.
+
+    The connection is opened (and the schema made) in the constructor, so a bad path is a
+    clear start-up error; the thread starts with the service.
+    """
+
+    log = Logger(observer=log_observer)
+
+    def __init__(self, path: str | os.PathLike, reactor=None, cache_size: int = CACHE_SIZE):
+        if reactor is None:
+            from twisted.internet import reactor
+        self._reactor = reactor
+        self.path = Path(path)
+        self.output_dir = self.path.with_name(self.path.name + ".output")
+        try:
+            self.output_dir.mkdir(exist_ok=True)
+            self._db = sqlite3.connect(
+                str(self.path), isolation_level=None, check_same_thread=False
+            )
+            self._db.execute("PRAGMA journal_mode=WAL")
+            # FULL: a commit is on disk (fsync) before its Deferred fires, power cuts included;
+            # group commit pays that once per batch.
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.executescript(_SCHEMA)
+        except (OSError, sqlite3.Error) as error:
+            raise StoreError(f"cannot open the job database {self.path}: {error}") from None
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._stopped: defer.Deferred[None] | None = None
+        self._cache: OrderedDict[str, Job] = OrderedDict()
+        self._cache_size = cache_size
+        self.commits = 0
+        self.committed_operations = 0
+
+    # --- service ------------------------------------------------------------------------
+
+    def startService(self) -> None:
+        super().startService()
+        self._thread = threading.Thread(target=self._work, name="twistnet-http-store", daemon=True)
+        self._thread.start()
+
+    def stopService(self) -> defer.Deferred[None]:
+        super().stopService()
+        if self._thread is None:
+            self._db.close()
+            return defer.succeed(None)
+        self._stopped = defer.Deferred()
+        self._queue.put(_STOP)
+        return self._stopped
+
+    # --- the connection thread ----------------------------------------------------------
+
+    def _work(self) -> None:
+        while True:
+            batch = [self._queue.get()]
+            while len(batch) < MAX_BATCH:
+                try:
+                    batch.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            stop = _STOP in batch
+            operations = [op for op in batch if op is not _STOP]
+            self._run_batch(operations)
+            if stop:
+                self._db.close()
+                self._reactor.callFromThread(self._finished_stopping)
+                return
+
+    def _run_batch(self, operations: list[_Operation]) -> None:
+        writes = any(op.write for op in operations)
+        if writes:
+            self._db.execute("BEGIN IMMEDIATE")
+        for op in operations:
+            try:
+                op.result = op.function(self._db)
+                op.succeeded = True
+            except Exception:
+                op.result = Failure()
+        if writes:
+            try:
+                self._db.execute("COMMIT")
+            except sqlite3.Error:
+                failure = Failure()
+                try:
+                    self._db.execute("ROLLBACK")
+                except sqlite3.Error:
+                    pass
+                for op in operations:
+                    if op.write:
+                        op.succeeded, op.result = False, failure
+        if operations:
+            self._reactor.callFromThread(self._deliver, operations, writes)
+
+    def _deliver(self, operations: list[_Operation], committed: bool) -> None:
+        if committed:
+            self.commits += 1
+            self.committed_operations += sum(op.write for op in operations)
+        for op in operations:
+            if op.succeeded:
+                op.deferred.callback(op.result)
+            else:
+                op.deferred.errback(op.result)
+
+    def _finished_stopping(self) -> None:
+        stopped, self._stopped = self._stopped, None
+        if stopped is not None:
+            stopped.callback(None)
+
+    def _submit(self, function: Callable[[sqlite3.Connection], Any], write: bool = False):
+        if self._thread is None or not self._thread.is_alive() or self._stopped is not None:
+            return defer.fail(StoreError("the job store is not running"))
+        op = _Operation(function, write)
+        self._queue.put(op)
+        return op.deferred
+
+    # --- the cache ----------------------------------------------------------------------
+
+    def _remember(self, job: Job) -> None:
+        self._cache[job.id] = job
+        self._cache.move_to_end(job.id)
+        while len(self._cache) > self._cache_size:
+            self._cache.popitem(last=False)
+
+    # --- IJobStore ----------------------------------------------------------------------
+
+    def add(self, job: Job) -> defer.Deferred[None]:
+        row = _row(job)
+        self._remember(job)
+        return self._submit(lambda db: db.execute(_INSERT, row) and None, write=True).addErrback(
+            _unavailable
+        )
+
+    def update(self, job: Job) -> defer.Deferred[None]:
+        row = _row(job)
+        self._remember(job)
+        values = (*row[1:], row[0])
+        return self._submit(lambda db: db.execute(_UPDATE, values) and None, write=True)
+
+    def cached(self, job_id: str) -> Job | None:
+        """The job if it is in memory (synchronous; None says nothing about the database)."""
+        return self._cache.get(job_id)
+
+    def get(self, job_id: str) -> defer.Deferred[Job | None]:
+        job = self._cache.get(job_id)
+        if job is not None:
+            return defer.succeed(job)
+
+        def query(db: sqlite3.Connection) -> Job | None:
+            row = db.execute(_SELECT + " WHERE id = ?", (job_id,)).fetchone()
+            return None if row is None else _job(row)
+
+        def remember(found: Job | None) -> Job | None:
+            if found is not None and job_id not in self._cache:
+                self._remember(found)
+            return self._cache.get(job_id, found)
+
+        return self._submit(query).addCallback(remember)
+
+    def list(
+        self,
+        status: str | None = None,
+        tool: str | None = None,
+        limit: int = 50,
+        cursor: str | None = None,
+    ) -> defer.Deferred[tuple[list[Job], str | None]]:
+        limit = max(1, min(limit, MAX_LIMIT))
+        where, args = [], []
+        if status is not None:
+            where.append("status = ?")
+            args.append(status)
+        if tool is not None:
+            where.append("tool = ?")
+            args.append(tool)
+        if cursor is not None:
+            where.append("seq < ?")
+            args.append(int(cursor))
+        clause = f"WHERE {' AND '.join(where)}" if where else ""
+        sql = f"SELECT seq, {_COLUMNS} FROM jobs {clause} ORDER BY seq DESC LIMIT ?"  # noqa: S608
+
+        def query(db: sqlite3.Connection):
+            rows = db.execute(sql, (*args, limit + 1)).fetchall()
+            more = len(rows) > limit
+            rows = rows[:limit]
+            jobs = [self._cache.get(row[1]) or _job(row[1:]) for row in rows]
+            return jobs, (str(rows[-1][0]) if more else None)
+
+        return self._submit(query)
+
+    def unfinished(self) -> defer.Deferred[list[Job]]:
+        def query(db: sqlite3.Connection) -> list[Job]:
+            rows = db.execute(
+                _SELECT + " WHERE status IN (?, ?) ORDER BY seq",
+                (QUEUED, RUNNING),
+            ).fetchall()
+            return [_job(row) for row in rows]
+
+        return self._submit(query)
+
+    def prune(self, before: float) -> defer.Deferred[int]:
+        args = (before, *_TERMINAL)
+
+        def delete(db: sqlite3.Connection) -> list[str]:
+            ids = [row[0] for row in db.execute(_SELECT_PRUNABLE, args)]
+            db.execute(_DELETE_PRUNABLE, args)
+            return ids
+
+        def forget(ids: list[str]) -> int:
+            for job_id in ids:
+                self._cache.pop(job_id, None)
+                try:
+                    self._output_path(job_id).unlink()
+                except FileNotFoundError:
+                    pass
+            if ids:
+                self.log.info("pruned {count} finished jobs", count=len(ids))
+            return len(ids)
+
+        return self._submit(delete, write=True).addCallback(forget)
+
+    def _output_path(self, job_id: str) -> Path:
+        # Ids are made by the service (hex), never taken from a client unchecked.
+        return self.output_dir / f"{job_id}.log"
+
+    def open_output(self, job_id: str) -> BinaryIO:
+        return open(self._output_path(job_id), "wb")
+
+    def read_output(self, job_id: str, offset: int = 0, size: int = -1) -> bytes:
+        try:
+            with open(self._output_path(job_id), "rb") as output:
+                output.seek(offset)
+                return output.read(size)
+        except FileNotFoundError:
+            return b""

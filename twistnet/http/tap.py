@@ -1,0 +1,262 @@
+"""
+The twistd face of twistnet-http: C{twistd -n twistnet-http [options]}.
+
+It listens on 127.0.0.1:8901 by default, because it runs commands. Listening beyond loopback
+needs a token (C{--token-file}, C{--token} or C{TWISTNET_HTTP_TOKEN}) or an explicit
+C{--insecure}.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from pathlib import Path
+
+from twisted.application.internet import TimerService
+from twisted.application.service import MultiService, Service
+from twisted.internet import defer, endpoints
+from twisted.logger import Logger
+from twisted.python import usage
+
+from twistnet._connections import ConnectionCloser
+from twistnet._tap import (
+    ServiceOptions,
+    ServiceRoot,
+    connection_options,
+    listening_services,
+    non_negative_float,
+    positive_int,
+)
+from twistnet.http._logging import LEVELS, set_level
+from twistnet.http._logging import observer as log_observer
+from twistnet.http.runner import LocalRunner
+from twistnet.http.store import SQLiteJobStore, StoreError
+from twistnet.http.tools import (
+    BUILTIN_TOOLS,
+    ToolConfigError,
+    catalogue,
+    load_config,
+    parse_tool_option,
+)
+from twistnet.http.web import DEFAULT_MAX_BODY, DEFAULT_REQUEST_TIMEOUT, JobApi, JobSite
+
+log = Logger(observer=log_observer)
+
+DEFAULT_PORT = 8901
+#: Few: each connection may hold a request body of up to --max-body, and this is a service
+#: for a team, not the internet.
+DEFAULT_MAX_CONNECTIONS = 20
+#: A keep-alive connection that sends nothing for this long is closed, freeing its slot.
+DEFAULT_IDLE_TIMEOUT = 60.0
+DEFAULT_QUEUE_SIZE = 1000
+DEFAULT_KEEP_DAYS = 30.0
+DEFAULT_DB = "twistnet-http.db"
+TOKEN_VARIABLE = "TWISTNET_HTTP_TOKEN"  # noqa: S105 - a variable name, not a secret
+#: How often finished jobs older than --keep-days are pruned.
+PRUNE_INTERVAL = 3600.0
+
+
+def _log_level(value: str):
+    try:
+        return LEVELS[value.lower()]
+    except KeyError:
+        raise ValueError(f"expected one of {', '.join(LEVELS)}, got {value!r}") from None
+
+
+_log_level.coerceDoc = "debug, info, warn, error or critical."  # type: ignore[attr-defined]
+
+
+def _with_default(options: list, name: str, default) -> list:
+    return [[*entry[:2], default, *entry[3:]] if entry[0] == name else entry for entry in options]
+
+
+def beyond_loopback(description: str) -> bool:
+    """Would this endpoint accept connections from other machines (as far as we can tell)?"""
+    try:
+        args, kwargs = endpoints._parse(description)
+    except Exception:
+        return True
+    kind = args[0] if args else ""
+    if kind == "unix":
+        return False
+    if kind not in ("tcp", "tcp6", "ssl"):
+        return True  # systemd and the rest: cannot tell, so assume so
+    interface = kwargs.get("interface", "")
+    if interface == "localhost":
+        return False
+    try:
+        return not ipaddress.ip_address(interface).is_loopback
+    except ValueError:
+        return True
+
+
+class Options(ServiceOptions):
+    """twistd -n twistnet-http [--port 8901] [--tool 'NAME=COMMAND'] [--config tools.toml]"""
+
+    synopsis = "[options]"
+    longdesc = (
+        "HTTP job endpoint: POST /jobs names a declared tool and its parameters, the answer "
+        "is a job id at once, GET /jobs/{id} gives the JSON result. Listens on "
+        f"127.0.0.1:{DEFAULT_PORT} unless --port or --listen says otherwise. With no --tool "
+        "or --config, built-in harmless tools (echo, sleep, date, wordcount) are served."
+    )
+    default_port = DEFAULT_PORT
+    default_interface = "127.0.0.1"
+    optFlags = [
+        ["insecure", None, "Allow listening beyond loopback without a token."],
+    ]
+    optParameters = [
+        *_with_default(
+            connection_options(DEFAULT_MAX_CONNECTIONS), "idle-timeout", DEFAULT_IDLE_TIMEOUT
+        ),
+        [
+            "request-timeout",
+            None,
+            DEFAULT_REQUEST_TIMEOUT,
+            "Close a connection whose request (line, headers, body) is not complete this many "
+            "seconds after its first byte.",
+            non_negative_float,
+        ],
+        ["token", None, None, f"Bearer token for POST and DELETE (or ${TOKEN_VARIABLE})."],
+        ["token-file", None, None, "Read the Bearer token from this file."],
+        ["workers", None, os.cpu_count() or 1, "Jobs run at once.", positive_int],
+        [
+            "queue-size",
+            None,
+            DEFAULT_QUEUE_SIZE,
+            "Jobs that may wait; more are refused with 429.",
+            positive_int,
+        ],
+        ["max-body", None, DEFAULT_MAX_BODY, "Largest request body in bytes.", positive_int],
+        ["db", None, DEFAULT_DB, "The SQLite job database; job output goes beside it."],
+        [
+            "keep-days",
+            None,
+            DEFAULT_KEEP_DAYS,
+            "Forget finished jobs after this many days (0 = keep forever).",
+            non_negative_float,
+        ],
+        ["config", None, None, "A TOML file declaring tools (see twistnet.http.tools)."],
+        ["log-level", None, "info", "Least level logged.", _log_level],
+    ]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self["tool"] = []
+
+    def opt_tool(self, value: str) -> None:
+        """Declare a tool, NAME=COMMAND TEMPLATE, e.g. 'greet=echo hello {who}'; repeatable."""
+        try:
+            self["tool"].append(parse_tool_option(value))
+        except ToolConfigError as error:
+            raise usage.UsageError(str(error)) from None
+
+    def postOptions(self) -> None:
+        self["token"] = self._token()
+        tools = list(self["tool"])
+        if self["config"]:
+            try:
+                tools += load_config(self["config"])
+            except ToolConfigError as error:
+                raise usage.UsageError(f"--config: {error}") from None
+        try:
+            self["tools"] = catalogue(tools or BUILTIN_TOOLS)
+        except ToolConfigError as error:
+            raise usage.UsageError(str(error)) from None
+        if self["token"] is None and not self["insecure"]:
+            for description in self.endpoint_descriptions():
+                if beyond_loopback(description):
+                    raise usage.UsageError(
+                        f"refusing to listen on {description!r} beyond loopback without a "
+                        f"token: this service runs commands. Give --token-file (or --token, "
+                        f"or ${TOKEN_VARIABLE}), or --insecure if you really mean it."
+                    )
+
+    def _token(self) -> bytes | None:
+        given = [
+            name
+            for name, present in (
+                ("--token", self["token"] is not None),
+                ("--token-file", self["token-file"] is not None),
+            )
+            if present
+        ]
+        if len(given) > 1:
+            raise usage.UsageError("give the token with --token or --token-file, not both.")
+        if self["token-file"] is not None:
+            try:
+                token = Path(self["token-file"]).read_text().strip()
+            except OSError as error:
+                raise usage.UsageError(
+                    f"cannot read --token-file {self['token-file']}: {error.strerror}"
+                ) from None
+            source = "--token-file"
+        elif self["token"] is not None:
+            token, source = self["token"], "--token"
+        elif os.environ.get(TOKEN_VARIABLE):
+            token, source = os.environ[TOKEN_VARIABLE], f"${TOKEN_VARIABLE}"
+        else:
+            return None
+        if not token or any(ch.isspace() for ch in token) or not token.isascii():
+            raise usage.UsageError(f"the token from {source} must be printable ASCII, no spaces.")
+        return token.encode()
+
+
+class InOrder(MultiService):
+    """Children started in order and stopped in reverse, each stop awaited before the next."""
+
+    async def _stop(self) -> None:
+        for child in reversed(list(self)):
+            await defer.maybeDeferred(child.stopService)
+
+    def stopService(self) -> defer.Deferred[None]:
+        Service.stopService(self)
+        return defer.Deferred.fromCoroutine(self._stop())
+
+
+def makeService(options: usage.Options, reactor=None) -> MultiService:
+    level = options["log-level"]
+    set_level(_log_level(level) if isinstance(level, str) else level)
+    try:
+        store = SQLiteJobStore(options["db"], reactor)
+    except StoreError as error:
+        raise SystemExit(f"twistnet-http: {error}") from None
+    tools = options["tools"]
+    runner = LocalRunner(store, tools, options["workers"], options["queue-size"], reactor)
+    api = JobApi(store, runner, tools, token=options["token"], clock=reactor)
+    site = JobSite(
+        api,
+        max_connections=options["max-connections"],
+        idle_timeout=options["idle-timeout"],
+        request_timeout=options["request-timeout"],
+        max_body=options["max-body"],
+        reactor=reactor,
+    )
+    top = ServiceRoot("twistnet-http", reactor)
+    # The runner's last job updates must reach the store before it closes.
+    jobs = InOrder()
+    jobs.setServiceParent(top)
+    store.setServiceParent(jobs)
+    runner.setServiceParent(jobs)
+    if options["keep-days"]:
+        seconds = options["keep-days"] * 86400
+
+        def prune():
+            return store.prune(runner.clock.seconds() - seconds).addErrback(
+                lambda failure: log.failure("pruning old jobs failed", failure)
+            )
+
+        pruner = TimerService(PRUNE_INTERVAL, prune)
+        if reactor is not None:
+            pruner.clock = reactor
+        pruner.setServiceParent(jobs)
+    ConnectionCloser(site.registry).setServiceParent(top)
+    log.info(
+        "twistnet-http: tools {tools}; jobs in {db}; {workers} workers, queue {queue}; {auth}",
+        tools=", ".join(tools),
+        db=os.path.abspath(options["db"]),
+        workers=options["workers"],
+        queue=options["queue-size"],
+        auth="token required for POST and DELETE" if options["token"] else "no token",
+    )
+    return listening_services("twistnet-http", options.endpoint_descriptions(), site, reactor, top)

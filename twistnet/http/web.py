@@ -1,0 +1,782 @@
+"""
+The HTTP face of twistnet-http: the JSON API resource, and the Site and channel that bound
+what a client can hold (connections, request time, body size).
+
+Every error is C{{"error": ..., "detail": ...}} with the status that says what went wrong.
+A handler's unexpected exception is a 500 of the same shape and a log line; the server goes
+on serving. Reads are open; requests that change state (POST, DELETE) need the Bearer token
+when one is set, compared in constant time.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import hmac
+import io
+import json
+import re
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    generate_latest,
+)
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from twisted.internet import defer, task
+from twisted.internet.interfaces import IDelayedCall
+from twisted.logger import Logger
+from twisted.web import http, resource, server
+
+from twistnet._connections import CLOSE_GRACE_SECONDS, ConnectionRegistry, peer_name
+from twistnet.http import openapi
+from twistnet.http._logging import LEVELS, enabled
+from twistnet.http._logging import observer as log_observer
+from twistnet.http.model import STATUSES, Job, ParamError, Tool
+from twistnet.http.runner import IRunner, QueueFull
+from twistnet.http.store import MAX_LIMIT, IJobStore, StoreUnavailable
+
+log = Logger(observer=log_observer)
+
+#: Default cap on a request body: a job request is a tool name and a few parameters.
+DEFAULT_MAX_BODY = 1024 * 1024
+#: A request's line, headers and body must all arrive within this many seconds of its
+#: first byte, however slowly they trickle in (slowloris).
+DEFAULT_REQUEST_TIMEOUT = 10.0
+#: Seconds between comments on an idle event stream, so a vanished client is noticed.
+SSE_KEEPALIVE = 15.0
+#: The most output one GET /jobs/{id}/log response carries.
+LOG_CHUNK = 1024 * 1024
+#: Rendered finished jobs kept for fast GET /jobs/{id}: a finished job never changes.
+RENDERED_CACHE = 1024
+#: The largest byte offset or cursor accepted: beyond any real output, within SQLite's and
+#: seek()'s 64-bit integers.
+MAX_OFFSET = 2**53
+#: Job ids are made here (uuid4 hex); anything else in the path is simply not a job.
+JOB_ID = re.compile(r"[0-9a-f]{32}")
+
+_JSON = b"application/json"
+
+
+class ApiError(Exception):
+    """An error response: HTTP C{status}, a short C{error}, a sentence of C{detail}."""
+
+    def __init__(self, status: int, error: str, detail: str, headers=None) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.error = error
+        self.detail = detail
+        self.headers = headers or {}
+
+
+def encode(document: Any) -> bytes:
+    return json.dumps(document, separators=(",", ":")).encode() + b"\n"
+
+
+def error_body(error: str, detail: str) -> bytes:
+    return encode({"error": error, "detail": detail})
+
+
+def raw_response(status: int, error: str, detail: str, extra: bytes = b"") -> bytes:
+    """A complete HTTP/1.1 error response that closes the connection, for the channel."""
+    body = error_body(error, detail)
+    return (
+        b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
+        b"Connection: close\r\n%s\r\n%s"
+        % (status, http.RESPONSES.get(status, b"Error"), len(body), extra, body)
+    )
+
+
+def _not_json(constant: str) -> Any:
+    raise ValueError(f"{constant} is not JSON")
+
+
+class Metrics:
+    """The service's Prometheus metrics, in a registry of its own."""
+
+    def __init__(self, runner: Any) -> None:
+        self.registry = CollectorRegistry()
+        #: Requests answered by (method, route, status): a plain dict, counted at no more
+        #: cost than an addition per request, exported at scrape time.
+        self.requests: collections.Counter[tuple[str, str, str]] = collections.Counter()
+        self.finished = Counter(
+            "twistnet_http_jobs_finished",
+            "Jobs that reached a final state since start, by tool and status.",
+            ["tool", "status"],
+            registry=self.registry,
+        )
+        self.durations = Histogram(
+            "twistnet_http_job_duration_seconds",
+            "Run time of finished jobs, by tool.",
+            ["tool"],
+            buckets=(0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 300, 1800),
+            registry=self.registry,
+        )
+        self.registry.register(_LiveJobs(runner, self.requests))
+
+    def job_finished(self, job: Job) -> None:
+        self.finished.labels(job.tool, job.status).inc()
+        if job.duration is not None:
+            self.durations.labels(job.tool).observe(job.duration)
+
+
+class _LiveJobs:
+    """Jobs queued and running now, and the queue's capacity, read at scrape time."""
+
+    def __init__(self, runner: Any, requests: collections.Counter) -> None:
+        self.runner = runner
+        self.requests = requests
+
+    def collect(self):
+        requests = CounterMetricFamily(
+            "twistnet_http_requests",
+            "HTTP requests answered, by method, route and status.",
+            labels=["method", "route", "status"],
+        )
+        for labels, count in sorted(self.requests.items()):
+            requests.add_metric(labels, count)
+        yield requests
+        jobs = GaugeMetricFamily(
+            "twistnet_http_jobs", "Jobs queued or running now.", labels=["status"]
+        )
+        jobs.add_metric(["queued"], self.runner.queue_depth())
+        jobs.add_metric(["running"], len(self.runner.active))
+        yield jobs
+        yield GaugeMetricFamily(
+            "twistnet_http_queue_depth",
+            "Jobs waiting for a worker.",
+            value=self.runner.queue_depth(),
+        )
+        yield GaugeMetricFamily(
+            "twistnet_http_queue_capacity", "The --queue-size.", value=self.runner.queue_size
+        )
+
+
+class JobApi(resource.Resource):
+    """
+    The whole API as one leaf resource: the routes of L{openapi.ROUTES}, dispatched on the
+    request path, so an unknown path or method gets a JSON 404 or 405 like everything else.
+    """
+
+    isLeaf = True
+
+    def __init__(
+        self,
+        store: IJobStore,
+        runner: IRunner,
+        tools: dict[str, Tool],
+        token: bytes | None = None,
+        clock=None,
+    ) -> None:
+        super().__init__()
+        if clock is None:
+            from twisted.internet import reactor as clock
+        self.store = store
+        self.runner = runner
+        self.tools = tools
+        self.clock = clock
+        # Digests: the constant-time comparison then also hides the length of the token.
+        self._expected = hashlib.sha256(b"Bearer " + token).digest() if token else None
+        self.metrics = Metrics(runner)
+        runner.on_finished.append(self.metrics.job_finished)
+        self._rendered: collections.OrderedDict[str, bytes] = collections.OrderedDict()
+        self._openapi = encode(openapi.document(tools.values(), token_required=bool(token)))
+        self._tools = encode({"tools": [tool.describe() for tool in tools.values()]})
+        self._routes: dict[str, dict[bytes, Callable[..., Any]]] = {
+            "/jobs": {b"GET": self.list_jobs, b"POST": self.submit},
+            "/jobs/{id}": {b"GET": self.get_job, b"DELETE": self.cancel},
+            "/jobs/{id}/log": {b"GET": self.job_log},
+            "/tools": {b"GET": self.list_tools},
+            "/openapi.json": {b"GET": self.openapi},
+            "/healthz": {b"GET": self.health},
+            "/metrics": {b"GET": self.prometheus},
+        }
+        assert {
+            path: tuple(m.decode() for m in methods) for path, methods in self._routes.items()
+        } == dict(openapi.ROUTES)
+
+    # --- dispatch -------------------------------------------------------------------------
+
+    @staticmethod
+    def route(segments: list[bytes]) -> tuple[str | None, list[str]]:
+        """The route template for a path and its arguments (None: no such route)."""
+        if len(segments) == 1:
+            return _TOP_LEVEL.get(segments[0]), []
+        if not segments or segments[0] != b"jobs":
+            return None, []
+        job_id = segments[1].decode("utf-8", "replace")
+        if len(segments) == 2:
+            return "/jobs/{id}", [job_id]
+        if len(segments) == 3 and segments[2] == b"log":
+            return "/jobs/{id}/log", [job_id]
+        return None, []
+
+    def render(self, request: server.Request) -> bytes | int:
+        template, args = self.route(request.postpath)
+        handlers = self._routes.get(template) if template else None
+        try:
+            if handlers is None:
+                raise ApiError(404, "not found", "No such route; GET /openapi.json lists them.")
+            handler = handlers.get(request.method)
+            if handler is None:
+                allowed = b", ".join(handlers)
+                raise ApiError(
+                    405,
+                    "method not allowed",
+                    f"{template} allows {allowed.decode()}.",
+                    {b"allow": allowed},
+                )
+            result = handler(request, *args)
+        except ApiError as failure:
+            return self._error(request, template, failure)
+        except Exception:
+            log.failure(
+                "handler for {method} {path} failed", method=request.method, path=request.path
+            )
+            return self._error(
+                request, template, ApiError(500, "internal error", "The error is logged.")
+            )
+        if isinstance(result, defer.Deferred):
+            result.addErrback(self._late_failure, request, template)
+            return server.NOT_DONE_YET
+        return self._ok(request, template, *result)
+
+    def _count(self, request: server.Request, template: str | None, status: int) -> None:
+        method = request.method.decode() if request.method in _METHODS else "other"
+        self.metrics.requests[(method, template or "unknown", str(status))] += 1
+
+    def _ok(self, request, template, body: bytes, content_type: bytes = _JSON, status: int = 200):
+        request.setResponseCode(status)
+        request.setHeader(b"content-type", content_type)
+        self._count(request, template, status)
+        return body
+
+    def _error(self, request, template, failure: ApiError) -> bytes:
+        for name, value in failure.headers.items():
+            request.setHeader(name, value)
+        return self._ok(
+            request, template, error_body(failure.error, failure.detail), status=failure.status
+        )
+
+    def _send(self, request, template, body: bytes, content_type: bytes = _JSON, status: int = 200):
+        """Finish an asynchronous response, unless the client has gone."""
+        if request.finished or request._disconnected:
+            return
+        request.setHeader(b"content-length", b"%d" % len(body))
+        request.write(self._ok(request, template, body, content_type, status))
+        request.finish()
+
+    def _late_failure(self, failure, request, template) -> None:
+        if failure.check(ApiError):
+            error = failure.value
+        else:
+            log.failure(
+                "handler for {method} {path} failed",
+                failure,
+                method=request.method,
+                path=request.path,
+            )
+            error = ApiError(500, "internal error", "The error is logged.")
+        if request.startedWriting:
+            # A stream already under way cannot change its status: end it.
+            if not (request.finished or request._disconnected):
+                request.finish()
+            return
+        for name, value in error.headers.items():
+            request.setHeader(name, value)
+        self._send(request, template, error_body(error.error, error.detail), status=error.status)
+
+    def _authorize(self, request: server.Request) -> None:
+        if self._expected is None:
+            return
+        given = request.getHeader(b"authorization") or b""
+        # Constant time: the comparison must not reveal how much of a guess was right.
+        if not hmac.compare_digest(hashlib.sha256(given).digest(), self._expected):
+            raise ApiError(
+                401,
+                "unauthorized",
+                "This request changes state: send Authorization: Bearer <token>.",
+                {b"www-authenticate": b'Bearer realm="twistnet-http"'},
+            )
+
+    # --- jobs -----------------------------------------------------------------------------
+
+    def submit(self, request: server.Request) -> defer.Deferred[None]:
+        self._authorize(request)
+        content_type = (request.getHeader(b"content-type") or b"").split(b";")[0].strip().lower()
+        if content_type != _JSON:
+            raise ApiError(
+                415, "unsupported media type", "Send the job as Content-Type: application/json."
+            )
+        request.content.seek(0)
+        document = _parse_json(request.content.read())
+        if not isinstance(document, dict):
+            raise ApiError(400, "bad request", "The body must be a JSON object.")
+        unknown = set(document) - {"tool", "params", "timeout"}
+        if unknown:
+            raise ApiError(
+                400,
+                "bad request",
+                f"Unknown field {sorted(unknown)[0]!r}; expected tool, params, timeout.",
+            )
+        name = document.get("tool")
+        if not isinstance(name, str):
+            raise ApiError(400, "bad request", "Field 'tool' is required and must be a string.")
+        tool = self.tools.get(name)
+        if tool is None:
+            raise ApiError(404, "unknown tool", f"No tool named {name!r}; GET /tools lists them.")
+        try:
+            params = tool.validate(document.get("params", {}))
+        except ParamError as error:
+            raise ApiError(400, "bad parameter", str(error)) from None
+        timeout = _timeout(document.get("timeout"), tool)
+        job = Job(
+            id=uuid.uuid4().hex,
+            tool=tool.name,
+            params=params,
+            timeout=timeout,
+            created=self.clock.seconds(),
+        )
+
+        def accepted(job: Job) -> None:
+            location = f"/jobs/{job.id}"
+            request.setHeader(b"location", location.encode())
+            self._send(
+                request,
+                "/jobs",
+                encode({"id": job.id, "status": job.status, "url": location}),
+                status=202,
+            )
+
+        def refused(failure):
+            if failure.check(StoreUnavailable):
+                log.error("job not stored: {error}", error=failure.value)
+                raise ApiError(
+                    503,
+                    "store unavailable",
+                    "The job could not be stored; try again later.",
+                    {b"retry-after": b"5"},
+                )
+            failure.trap(QueueFull)
+            raise ApiError(
+                429,
+                "queue full",
+                f"{self.runner.queue_size} jobs are waiting already; try again later.",
+                {b"retry-after": str(failure.value.retry_after).encode()},
+            )
+
+        return self.runner.submit(job).addCallbacks(accepted, refused)
+
+    def _job_or_404(self, job_id: str) -> defer.Deferred[Job]:
+        if not JOB_ID.fullmatch(job_id):
+            return defer.fail(ApiError(404, "unknown job", f"No job with id {job_id!r}."))
+
+        def found(job: Job | None) -> Job:
+            if job is None:
+                raise ApiError(404, "unknown job", f"No job with id {job_id!r}.")
+            return job
+
+        return self.store.get(job_id).addCallback(found)
+
+    def get_job(self, request: server.Request, job_id: str):
+        rendered = self._rendered.get(job_id)
+        if rendered is not None:
+            return (rendered,)
+        job = self.store.cached(job_id)
+        if job is not None:
+            return (self._render_job(job),)
+        return self._job_or_404(job_id).addCallback(
+            lambda job: self._send(request, "/jobs/{id}", self._render_job(job))
+        )
+
+    def _render_job(self, job: Job) -> bytes:
+        output = self.store.read_output(job.id, 0, LOG_CHUNK).decode("utf-8", "replace")
+        body = encode(job.to_json(output))
+        if job.terminal:
+            self._rendered[job.id] = body
+            while len(self._rendered) > RENDERED_CACHE:
+                self._rendered.popitem(last=False)
+        return body
+
+    def cancel(self, request: server.Request, job_id: str) -> defer.Deferred[None]:
+        self._authorize(request)
+
+        async def cancel() -> None:
+            job = await self._job_or_404(job_id)
+            if job.terminal:
+                raise ApiError(409, "already finished", f"Job {job_id} has already {job.status}.")
+            cancelled = await self.runner.cancel(job_id)
+            if cancelled is None:
+                raise ApiError(
+                    409, "already finished", f"Job {job_id} is not queued or running here."
+                )
+            self._send(request, "/jobs/{id}", self._render_job(cancelled))
+
+        return defer.Deferred.fromCoroutine(cancel())
+
+    def list_jobs(self, request: server.Request) -> defer.Deferred[None]:
+        args = request.args
+        status = _query(args, b"status")
+        if status is not None and status not in STATUSES:
+            raise ApiError(400, "bad request", f"status must be one of {', '.join(STATUSES)}.")
+        limit = _int_query(args, b"limit", 50, 1, MAX_LIMIT)
+        cursor = _query(args, b"cursor")
+        if cursor is not None and not (cursor.isdigit() and int(cursor) <= MAX_OFFSET):
+            raise ApiError(400, "bad request", "cursor must be the next_cursor of a previous page.")
+
+        def page(found: tuple[list[Job], str | None]) -> None:
+            jobs, next_cursor = found
+            summaries = []
+            for job in jobs:
+                summary = job.to_json()
+                del summary["output"]
+                summaries.append(summary)
+            self._send(request, "/jobs", encode({"jobs": summaries, "next_cursor": next_cursor}))
+
+        return self.store.list(status, _query(args, b"tool"), limit, cursor).addCallback(page)
+
+    def job_log(self, request: server.Request, job_id: str) -> defer.Deferred[None]:
+        offset = _int_query(request.args, b"offset", 0, 0, MAX_OFFSET)
+        streaming = b"text/event-stream" in (request.getHeader(b"accept") or b"")
+
+        async def respond() -> None:
+            job = await self._job_or_404(job_id)
+            if streaming:
+                resume = request.getHeader(b"last-event-id")
+                if resume and resume.isdigit():
+                    start = min(int(resume), MAX_OFFSET)
+                else:
+                    start = offset
+                self._count(request, "/jobs/{id}/log", 200)
+                EventStream(self, request, job, start).start()
+                return
+            data = self.store.read_output(job.id, offset, LOG_CHUNK)
+            request.setHeader(b"x-next-offset", str(offset + len(data)).encode())
+            request.setHeader(b"x-job-status", job.status.encode())
+            self._send(request, "/jobs/{id}/log", data, b"text/plain; charset=utf-8")
+
+        return defer.Deferred.fromCoroutine(respond())
+
+    # --- the rest -------------------------------------------------------------------------
+
+    def list_tools(self, request: server.Request):
+        return (self._tools,)
+
+    def openapi(self, request: server.Request):
+        return (self._openapi,)
+
+    def health(self, request: server.Request):
+        return (
+            encode(
+                {
+                    "status": "ok",
+                    "queued": self.runner.queue_depth(),
+                    "running": len(self.runner.active),
+                    "workers": self.runner.workers,
+                    "queue_size": self.runner.queue_size,
+                }
+            ),
+        )
+
+    def prometheus(self, request: server.Request):
+        return (generate_latest(self.metrics.registry), CONTENT_TYPE_LATEST.encode())
+
+
+_TOP_LEVEL = {path.lstrip("/").encode(): path for path, _ in openapi.ROUTES if path.count("/") == 1}
+_METHODS = frozenset({b"GET", b"POST", b"DELETE", b"PUT", b"PATCH", b"HEAD", b"OPTIONS"})
+
+
+def _parse_json(body: bytes) -> Any:
+    try:
+        return json.loads(body.decode("utf-8"), parse_constant=_not_json)
+    except UnicodeDecodeError:
+        raise ApiError(400, "malformed JSON", "The body is not valid UTF-8.") from None
+    except RecursionError:
+        raise ApiError(400, "malformed JSON", "The body is nested too deeply.") from None
+    except ValueError as error:
+        raise ApiError(400, "malformed JSON", f"The body is not valid JSON: {error}.") from None
+
+
+def _timeout(value: Any, tool: Tool) -> float:
+    if value is None:
+        return tool.timeout
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+        raise ApiError(400, "bad request", "timeout must be a number of seconds more than 0.")
+    if value > tool.timeout:
+        raise ApiError(
+            400, "bad request", f"timeout may be at most {tool.timeout:g} s for tool {tool.name!r}."
+        )
+    return float(value)
+
+
+def _query(args: dict[bytes, list[bytes]], name: bytes) -> str | None:
+    values = args.get(name)
+    if not values:
+        return None
+    return values[-1].decode("utf-8", "replace")
+
+
+def _int_query(args, name: bytes, default: int, low: int, high: int | None) -> int:
+    text = _query(args, name)
+    if text is None:
+        return default
+    if not text.isdigit() or int(text) < low or (high is not None and int(text) > high):
+        bound = f"{low}-{high}" if high is not None else f"{low} or more"
+        raise ApiError(400, "bad request", f"{name.decode()} must be a whole number, {bound}.")
+    return int(text)
+
+
+class EventStream:
+    """
+    A job's output as server-sent events: one event per line of output (without its line
+    break), whose id is the byte offset after that line, so Last-Event-ID resumes exactly;
+    a final C{end} event gives the status.
+    """
+
+    def __init__(self, api: JobApi, request: server.Request, job: Job, offset: int) -> None:
+        self.api = api
+        self.request = request
+        self.job = job
+        self.offset = offset
+        self.unwatch: Callable[[], None] | None = None
+        self.keepalive: IDelayedCall | None = None
+        self.done = False
+
+    def start(self) -> None:
+        request = self.request
+        request.setResponseCode(200)
+        request.setHeader(b"content-type", b"text/event-stream; charset=utf-8")
+        request.setHeader(b"cache-control", b"no-cache")
+        request.write(b": job %s\n\n" % self.job.id.encode())
+        request.notifyFinish().addBoth(self._gone)
+        if not self.job.terminal:
+            self.unwatch = self.api.runner.watch(self.job.id, self._changed)
+            if not self.api.runner.is_active(self.job.id):
+                # Finished between the lookup and the watch: read its final state.
+                self.api.store.get(self.job.id).addCallback(
+                    lambda job: self._changed(job or self.job)
+                )
+                return
+        self._changed(self.job)
+
+    def _changed(self, job: Job) -> None:
+        if self.done:
+            return
+        self.job = job
+        data = self.api.store.read_output(job.id, self.offset, LOG_CHUNK)
+        if not job.terminal and len(data) < LOG_CHUNK:
+            # Whole lines only while it runs, so an event never splits a line or a character.
+            data = data[: data.rfind(b"\n") + 1]
+        if data:
+            events = []
+            for line in data.splitlines(keepends=True):
+                self.offset += len(line)
+                # A CR inside a line would end an SSE field: it becomes a line break.
+                text = line.rstrip(b"\r\n").decode("utf-8", "replace").replace("\r", "\n")
+                fields = "".join(f"data: {part}\n" for part in text.split("\n"))
+                events.append(f"id: {self.offset}\n{fields}\n")
+            self.request.write("".join(events).encode())
+        if job.terminal:
+            end = encode({"status": job.status, "exit_code": job.exit_code})
+            self.request.write(b"event: end\nid: %d\ndata: %s\n" % (self.offset, end))
+            self._close()
+            self.request.finish()
+            return
+        self._arm_keepalive()
+
+    def _arm_keepalive(self) -> None:
+        if self.keepalive is not None and self.keepalive.active():
+            self.keepalive.reset(SSE_KEEPALIVE)
+        else:
+            self.keepalive = self.api.clock.callLater(SSE_KEEPALIVE, self._ping)
+
+    def _ping(self) -> None:
+        self.keepalive = None
+        if not self.done:
+            self.request.write(b": keepalive\n\n")
+            self._arm_keepalive()
+
+    def _close(self) -> None:
+        self.done = True
+        if self.unwatch is not None:
+            self.unwatch()
+            self.unwatch = None
+        if self.keepalive is not None and self.keepalive.active():
+            self.keepalive.cancel()
+        self.keepalive = None
+
+    def _gone(self, _: Any) -> None:
+        self._close()
+
+
+class JobRequest(server.Request):
+    """A request whose body is held in memory and capped at the site's --max-body."""
+
+    def gotLength(self, length: int | None) -> None:
+        self.content = io.BytesIO()
+        self._body_size = 0
+
+    def handleContentChunk(self, data: bytes) -> None:
+        self._body_size += len(data)
+        if self._body_size > self.channel.site.max_body:
+            self.channel.refuse_body()
+            return
+        self.content.write(data)
+
+
+class JobChannel(http.HTTPChannel):
+    """
+    An HTTP/1.1 connection admitted under --max-connections, whose requests must arrive
+    whole within the site's request timeout, with bodies no larger than --max-body.
+    """
+
+    admitted = False
+    refused = False
+    #: When the first byte of the request being received arrived (None: none under way).
+    request_started: float | None = None
+    _twistnet_abort_call: IDelayedCall | None = None
+
+    def connectionMade(self) -> None:
+        site: JobSite = self.site
+        if not site.registry.admit(self):
+            log.info(
+                "refused {peer}: at --max-connections {cap}",
+                peer=peer_name(self.transport),
+                cap=site.registry.max_connections,
+            )
+            self._hang_up(
+                raw_response(
+                    503,
+                    "server full",
+                    "Too many connections; try again later.",
+                    b"Retry-After: 1\r\n",
+                )
+            )
+            return
+        self.admitted = True
+        super().connectionMade()
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.refused:
+            return
+        if self.request_started is None and not self._handlingRequest:
+            # A timestamp, not a timer per request: the site's sweep enforces the deadline.
+            self.request_started = self.site.reactor.seconds()
+        super().dataReceived(data)
+
+    def allHeadersReceived(self) -> None:
+        if self.length is not None and self.length > self.site.max_body:
+            self.refuse_body()
+            return
+        super().allHeadersReceived()
+
+    def allContentReceived(self) -> None:
+        if self.refused:
+            return
+        self.request_started = None
+        super().allContentReceived()
+
+    def refuse_body(self) -> None:
+        limit = self.site.max_body
+        self._hang_up(
+            raw_response(413, "request too large", f"The body may be at most {limit} bytes.")
+        )
+
+    def too_slow(self) -> None:
+        """The request did not arrive whole in time: say so and hang up."""
+        log.info(
+            "closing {peer}: request incomplete after {seconds} s",
+            peer=peer_name(self.transport),
+            seconds=self.site.request_timeout,
+        )
+        self._hang_up(raw_response(408, "request timeout", "The request did not arrive in time."))
+
+    def _hang_up(self, response: bytes) -> None:
+        """Send a final response and close; abort if the peer does not take it in time."""
+        self.refused = True
+        self.request_started = None
+        self.setTimeout(None)
+        self.transport.write(response)
+        if self.admitted:
+            self.loseConnection()  # also unregisters the channel as the transport's producer
+        else:
+            self.transport.loseConnection()
+        self._twistnet_abort_call = self.callLater(
+            CLOSE_GRACE_SECONDS, self.transport.abortConnection
+        )
+
+    def connectionLost(self, reason) -> None:
+        self.request_started = None
+        if self._twistnet_abort_call is not None and self._twistnet_abort_call.active():
+            self._twistnet_abort_call.cancel()
+        self._twistnet_abort_call = None
+        if self.admitted:
+            self.site.registry.release(self)
+        super().connectionLost(reason)
+
+
+class JobSite(server.Site):
+    """The Site of the API: bounded connections, request time and body size."""
+
+    protocol = JobChannel
+    requestFactory = JobRequest
+    noisy = False
+
+    def __init__(
+        self,
+        api: JobApi,
+        max_connections: int = 20,
+        idle_timeout: float | None = None,
+        request_timeout: float = DEFAULT_REQUEST_TIMEOUT,
+        max_body: int = DEFAULT_MAX_BODY,
+        reactor=None,
+    ) -> None:
+        super().__init__(api, timeout=idle_timeout or None, reactor=reactor)
+        self.api = api
+        self.registry = ConnectionRegistry(max_connections, self.reactor)
+        self.request_timeout = request_timeout
+        self.max_body = max_body
+        self._sweep = task.LoopingCall(self.sweep)
+        self._sweep.clock = self.reactor
+
+    def startFactory(self) -> None:
+        super().startFactory()
+        if self.request_timeout and not self._sweep.running:
+            interval = min(1.0, self.request_timeout / 4)
+            self._sweep.start(interval, now=False).addErrback(
+                lambda failure: log.failure("request timeout sweep failed", failure)
+            )
+
+    def stopFactory(self) -> None:
+        if self._sweep.running:
+            self._sweep.stop()
+        super().stopFactory()
+
+    def sweep(self) -> None:
+        """Hang up on every connection whose request is older than the request timeout."""
+        deadline = self.reactor.seconds() - self.request_timeout
+        for channel in self.registry:
+            started = channel.request_started
+            if started is not None and started <= deadline:
+                channel.too_slow()
+
+    def buildProtocol(self, addr):
+        channel = super().buildProtocol(addr)
+        channel.requestFactory = self.requestFactory
+        return channel
+
+    def log(self, request: server.Request) -> None:
+        # The access log, at debug level only: a line per request costs too much otherwise.
+        if enabled(LEVELS["debug"]):
+            log.debug(
+                "{method} {uri} {code} {size}",
+                method=request.method.decode("ascii", "replace"),
+                uri=request.uri.decode("ascii", "replace"),
+                code=request.code,
+                size=request.sentLength,
+            )
