@@ -35,7 +35,7 @@ def no_token_in_environment(monkeypatch):
 
 def test_defaults():
     options = parse()
-    assert options.endpoint_descriptions() == ["tcp:8901:interface=127.0.0.1"]
+    assert options.endpoint_descriptions() == ["tcp:8901:backlog=511:interface=127.0.0.1"]
     assert options["max-connections"] == 20
     assert options["idle-timeout"] == 60.0
     assert options["request-timeout"] == 10.0
