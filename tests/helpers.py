@@ -186,8 +186,12 @@ def recv_until_closed(sock: socket.socket, timeout=WAIT_SECONDS) -> bytes:
 
 
 def make_certificate(directory: Path, hostname: str = "localhost") -> tuple[Path, Path]:
-    """A throwaway self-signed key and certificate for TLS tests; returns (key, cert) paths."""
+    """
+    A throwaway self-signed key and certificate for TLS tests, valid for C{hostname} and
+    127.0.0.1; returns the (key, cert) paths.
+    """
     import datetime
+    import ipaddress
 
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
@@ -205,7 +209,13 @@ def make_certificate(directory: Path, hostname: str = "localhost") -> tuple[Path
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - datetime.timedelta(minutes=5))
         .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName(hostname)]), critical=False)
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [x509.DNSName(hostname), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+            ),
+            critical=False,
+        )
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
         .sign(key, hashes.SHA256())
     )
     key_path, cert_path = directory / "key.pem", directory / "cert.pem"

@@ -5,6 +5,13 @@ from __future__ import annotations
 import socket
 
 import pytest
+from twisted.internet import defer
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.logger import LogLevel, globalLogPublisher
+from twisted.python import usage
+from zope.interface import implementer
+from zope.interface.verify import verifyObject
+
 from chat_helpers import (
     NO_LIMITS,
     ChatClient,
@@ -15,13 +22,6 @@ from chat_helpers import (
     sent,
     take,
 )
-from twisted.internet import defer
-from twisted.internet.testing import MemoryReactorClock, StringTransport
-from twisted.logger import LogLevel, globalLogPublisher
-from twisted.python import usage
-from zope.interface import implementer
-from zope.interface.verify import verifyObject
-
 from helpers import connect, recv_until_closed
 from twistnet import chat
 from twistnet.chat import protocol as chat_protocol

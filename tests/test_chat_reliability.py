@@ -7,8 +7,6 @@ The figures these tests print (run with C{-s}) are recorded in docs/reliability/
 
 from __future__ import annotations
 
-import datetime
-import ipaddress
 import resource
 import socket
 import ssl
@@ -18,12 +16,12 @@ import threading
 import time
 
 import pytest
-from chat_helpers import ChatClient, join, make_chat, peak_rss_kib, sent
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from twisted.logger import LogLevel, globalLogPublisher
 
-from helpers import WAIT_SECONDS, connect, recv_until_closed, wait_until
+from chat_helpers import ChatClient, join, make_chat, peak_rss_kib, sent
+from helpers import WAIT_SECONDS, connect, make_certificate, recv_until_closed, wait_until
 from twistnet.chat.protocol import ChatLimits
 
 # --- bad input: arbitrary bytes split anywhere --------------------------------------------
@@ -357,45 +355,6 @@ def test_half_closes_and_resets_mid_line_leak_nothing_and_log_no_traceback(twist
 
 
 # --- TLS --------------------------------------------------------------------------------------
-
-
-def make_certificate(directory) -> tuple[str, str]:
-    """A throwaway self-signed certificate for localhost/127.0.0.1; returns (key, cert) paths."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(
-            x509.SubjectAlternativeName(
-                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
-            ),
-            critical=False,
-        )
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
-    key_path, cert_path = directory / "key.pem", directory / "cert.pem"
-    key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    return str(key_path), str(cert_path)
 
 
 class TLSChatClient(ChatClient):

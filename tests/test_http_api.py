@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 
 import pytest
-from http_support import make_runner
 from treq.testing import StubTreq
 
+from http_support import make_runner
 from twistnet.http.tools import BUILTIN_TOOLS, catalogue
 from twistnet.http.web import JobApi
 

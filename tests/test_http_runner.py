@@ -9,9 +9,9 @@ import sys
 
 import pytest
 import pytest_twisted
-from http_support import MemoryStore, end, group_gone, job, make_runner, poll
 from twisted.internet import defer
 
+from http_support import MemoryStore, end, group_gone, job, make_runner, poll
 from twistnet.http.model import (
     CANCELLED,
     FAILED,

@@ -9,11 +9,11 @@ import urllib.error
 import urllib.request
 
 import pytest
-from http_support import group_gone
 from twisted.internet.testing import MemoryReactorClock
 from twisted.python import usage
 
 from helpers import run_twistd, wait_until
+from http_support import group_gone
 from twistnet.http import Options, makeService
 from twistnet.http.tap import beyond_loopback
 from twistnet.http.web import JobSite

@@ -9,12 +9,12 @@ import time
 import pytest
 import pytest_twisted
 import treq
-from http_support import group_gone, poll
 from openapi_spec_validator import validate
 from twisted.internet import defer, task, threads
 from twisted.web.client import HTTPConnectionPool
 
 from helpers import connect, recv_until, recv_until_closed, wait_until
+from http_support import group_gone, poll
 from twistnet.http import web
 from twistnet.http.model import Param, Tool
 from twistnet.http.openapi import ROUTES

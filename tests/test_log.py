@@ -12,6 +12,12 @@ from datetime import datetime
 from pathlib import Path
 
 import pytest
+from twisted.internet import defer, task
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.logger import capturedLogs, formatEvent
+from twisted.python import usage
+
+from helpers import connect, run_twistd, wait_until
 from log_helpers import (
     client_lines,
     client_payload,
@@ -22,12 +28,6 @@ from log_helpers import (
     start_log_server,
     wait_for_lines,
 )
-from twisted.internet import defer, task
-from twisted.internet.testing import MemoryReactorClock, StringTransport
-from twisted.logger import capturedLogs, formatEvent
-from twisted.python import usage
-
-from helpers import connect, run_twistd, wait_until
 from twistnet.log import Options, makeService
 from twistnet.log import sink as sink_module
 from twistnet.log.protocol import LineLogFactory, LineLogProtocol, has_overlong_line

@@ -6,7 +6,6 @@ Figures are printed (run with C{-s} to see them) and recorded in docs/reliabilit
 
 from __future__ import annotations
 
-import datetime
 import errno
 import json
 import os
@@ -26,6 +25,10 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from twisted.internet import task
+from twisted.internet.testing import StringTransport
+
+from helpers import connect, make_certificate, recv_until_closed, wait_until
 from log_helpers import (
     Sender,
     assert_whole_sender_lines,
@@ -35,10 +38,6 @@ from log_helpers import (
     start_log_server,
     tcp_queues,
 )
-from twisted.internet import task
-from twisted.internet.testing import StringTransport
-
-from helpers import connect, recv_until_closed, wait_until
 from twistnet.log.protocol import LineLogFactory, has_overlong_line
 from twistnet.log.sink import RETRY_SECONDS, LogSink
 
@@ -547,44 +546,6 @@ def test_reset_mid_line_writes_the_fragment_leaks_nothing_and_logs_no_traceback(
 
 
 # --- TLS ----------------------------------------------------------------------------------------
-
-
-def make_certificate(directory: Path) -> tuple[Path, Path]:
-    """A throwaway self-signed certificate for 127.0.0.1."""
-    import ipaddress
-
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "twistnet test")])
-    now = datetime.datetime.now(datetime.UTC)
-    certificate = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(hours=1))
-        .add_extension(
-            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-            critical=False,
-        )
-        .sign(key, hashes.SHA256())
-    )
-    key_path, cert_path = directory / "key.pem", directory / "cert.pem"
-    key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    cert_path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
-    return key_path, cert_path
 
 
 def test_lines_over_tls_through_an_ssl_endpoint(twistd, tmp_path):
