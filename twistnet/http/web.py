@@ -53,6 +53,9 @@ SSE_KEEPALIVE = 15.0
 LOG_CHUNK = 1024 * 1024
 #: Rendered finished jobs kept for fast GET /jobs/{id}: a finished job never changes.
 RENDERED_CACHE = 1024
+#: The largest number a query (cursor, offset) or Last-Event-ID may carry: SQLite's
+#: integers and file offsets are signed 64-bit.
+MAX_QUERY_INT = 2**63 - 1
 #: Job ids are made here (uuid4 hex); anything else in the path is simply not a job.
 JOB_ID = re.compile(r"[0-9a-f]{32}")
 
@@ -409,7 +412,7 @@ class JobApi(resource.Resource):
             raise ApiError(400, "bad request", f"status must be one of {', '.join(STATUSES)}.")
         limit = _int_query(args, b"limit", 50, 1, MAX_LIMIT)
         cursor = _query(args, b"cursor")
-        if cursor is not None and not cursor.isdigit():
+        if cursor is not None and _whole_number(cursor, MAX_QUERY_INT) is None:
             raise ApiError(400, "bad request", "cursor must be the next_cursor of a previous page.")
 
         def page(found: tuple[list[Job], str | None]) -> None:
@@ -431,7 +434,8 @@ class JobApi(resource.Resource):
             job = await self._job_or_404(job_id)
             if streaming:
                 resume = request.getHeader(b"last-event-id")
-                start = int(resume) if resume and resume.isdigit() else offset
+                start = _whole_number(resume.decode("latin-1"), MAX_QUERY_INT) if resume else None
+                start = offset if start is None else start
                 self._count(request, "/jobs/{id}/log", 200)
                 EventStream(self, request, job, start).start()
                 return
@@ -505,9 +509,19 @@ def _int_query(args, name: bytes, default: int, low: int, high: int | None) -> i
     text = _query(args, name)
     if text is None:
         return default
-    if not text.isdigit() or int(text) < low or (high is not None and int(text) > high):
+    number = _whole_number(text, MAX_QUERY_INT if high is None else high)
+    if number is None or number < low:
         bound = f"{low}-{high}" if high is not None else f"{low} or more"
         raise ApiError(400, "bad request", f"{name.decode()} must be a whole number, {bound}.")
+    return number
+
+
+def _whole_number(text: str, high: int) -> int | None:
+    """C{text} as a number of ASCII digits no larger than C{high}, or None."""
+    # str.isdigit() also says yes to digits int() refuses ('\u00b2') and to numbers too large
+    # for SQLite or a file offset: either was a 500.
+    if not (text.isascii() and text.isdigit()) or len(text) > 20 or int(text) > high:
+        return None
     return int(text)
 
 
