@@ -674,6 +674,21 @@ class JobChannel(http.HTTPChannel):
             raw_response(413, "request too large", f"The body may be at most {limit} bytes.")
         )
 
+    def _respondToBadRequestAndDisconnect(self) -> None:
+        # twisted.web's own answer to a malformed request, or to a request line or headers
+        # over its limits, is a bare "400 Bad Request" with no body: every error here is JSON.
+        self._hang_up(
+            raw_response(
+                400,
+                "bad request",
+                "The request is malformed, or its line or headers are too long or too many.",
+            )
+        )
+
+    def lineLengthExceeded(self, line: bytes) -> None:
+        # A request line or header over MAX_LENGTH: LineReceiver would hang up without a word.
+        self._respondToBadRequestAndDisconnect()
+
     def _too_slow(self) -> None:
         self._request_timer = None
         log.info(
