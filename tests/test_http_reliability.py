@@ -234,3 +234,10 @@ def test_malformed_and_oversized_requests_get_a_clean_4xx_json_error(live, reque
 def test_a_url_just_under_the_line_limit_is_an_ordinary_404(live):
     status, headers, content = live.request("GET", "/jobs/" + "a" * 8000)
     assert_json_error(status, headers, content, 404)
+
+
+def test_an_offset_past_what_the_filesystem_can_seek_is_empty_not_a_500(live):
+    # Under 2**63 but beyond ext4's largest file: seek() says EINVAL.
+    status, headers, content = live.request("GET", f"/jobs/{live.done}/log?offset={2**62}")
+    assert status == 200 and content == b""
+    assert headers["x-next-offset"] == str(2**62)
