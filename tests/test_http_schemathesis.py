@@ -156,3 +156,40 @@ def test_schemathesis_cli_coverage_and_fuzzing_phases_pass(live, tmp_path):
     assert summary.group(1) == summary.group(2)
     print(f"\nschemathesis CLI: {summary.group(0)}")
     assert live.healthy()
+
+
+#: A valid job for each built-in tool: generated bodies almost never name a real tool.
+VALID_JOBS = [
+    {"tool": "echo", "params": {"text": "héllo; $(id) `id`"}},
+    {"tool": "sleep", "params": {"seconds": 0}},
+    {"tool": "date"},
+    {"tool": "wordcount", "params": {"text": "-a b\nc"}, "timeout": 5},
+]
+
+
+@pytest.mark.parametrize("body", VALID_JOBS, ids=lambda body: body["tool"])
+def test_accepted_jobs_and_their_routes_answer_as_documented(api_schema, live, body):
+    """The 202 path, then every route on the new job, each response checked."""
+
+    @settings(max_examples=1, deadline=None, database=None, derandomize=True)
+    @given(case=api_schema["/jobs"]["POST"].as_strategy(body=body))
+    def submit(case):
+        response = case.call(headers={"Authorization": f"Bearer {TOKEN}"}, timeout=20)
+        tally[("POST /jobs", response.status_code)] += 1
+        case.validate_response(response, checks=CHECKS)
+        assert response.status_code == 202, response.text
+        accepted.append(response.json()["id"])
+
+    accepted: list[str] = []
+    submit()
+    live.finished(accepted[0])
+    for path, method in OPERATIONS:
+        if "{id}" in path:
+            _explore(
+                api_schema,
+                path,
+                method,
+                GenerationMode.POSITIVE,
+                3,
+                path_parameters={"id": accepted[0]},
+            )
