@@ -191,7 +191,7 @@ def fd_count(pid: int) -> int:
 
 def start_live(directory, *args: str, token: str | None = None, env=None) -> Live:
     """`twistd -n twistnet-http --port 0 ARGS` in C{directory}, with C{--token} if given."""
-    argv = ["--port", "0", *args]
+    argv = [*([] if "--listen" in args else ["--port", "0"]), *args]
     if token is not None:
         argv += ["--token", token]
     return Live(TwistdProcess("twistnet-http", *argv, cwd=directory, env=env), token)

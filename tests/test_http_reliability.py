@@ -6,12 +6,24 @@ the server keeps serving, stays bounded, and loses no job that got a 202.
 
 from __future__ import annotations
 
+import json
+import select
+import socket
+import struct
+import threading
+import time
+
 import pytest
 from http_rel_helpers import (
     assert_json_error,
+    fd_count,
+    open_sockets,
     parse_raw_response,
+    raise_nofile,
     start_live,
 )
+
+from helpers import connect, recv_until, wait_until
 
 TOKEN = "reliability-token"
 JOB_ID = "0123456789abcdef0123456789abcdef"
@@ -241,3 +253,251 @@ def test_an_offset_past_what_the_filesystem_can_seek_is_empty_not_a_500(live):
     status, headers, content = live.request("GET", f"/jobs/{live.done}/log?offset={2**62}")
     assert status == 200 and content == b""
     assert headers["x-next-offset"] == str(2**62)
+
+
+# --- hostile clients --------------------------------------------------------------------------
+
+#: Tools whose output makes responses and streams worth vanishing from.
+DRIP = "drip=sh -c 'for i in $(seq 40); do echo line $i; sleep 0.1; done'"
+LARGE = "large=sh -c 'yes abcdefghijklmnopqrstuvwxyz | head -c 300000'"
+
+
+def latencies(live, count: int) -> list[float]:
+    taken = []
+    for _ in range(count):
+        started = time.monotonic()
+        assert live.healthy()
+        taken.append(time.monotonic() - started)
+    return sorted(taken)
+
+
+def trickle(port: int, head: bytes, count: int, limit: float) -> list[tuple[bytes, float]]:
+    """C{count} clients send C{head}, then a byte every 0.2 s: (reply, seconds until closed)."""
+    socks = [connect(port) for _ in range(count)]
+    started = time.monotonic()
+    for sock in socks:
+        sock.sendall(head)
+        sock.setblocking(False)
+    replies = {sock: b"" for sock in socks}
+    closed: dict[socket.socket, float] = {}
+    while len(closed) < count and time.monotonic() - started < limit:
+        for sock in socks:
+            if sock in closed:
+                continue
+            try:
+                sock.send(b"a")
+                data = sock.recv(4096)
+            except BlockingIOError:
+                continue
+            except OSError:
+                data = b""
+            if data:
+                replies[sock] += data
+            else:
+                closed[sock] = time.monotonic() - started
+        time.sleep(0.2)  # the trickle rate is the attack itself
+    for sock in socks:
+        sock.close()
+    return [(replies[sock], closed.get(sock, float("inf"))) for sock in socks]
+
+
+def test_slowloris_headers_and_bodies_are_cut_off_while_honest_latency_stays_normal(tmp_path):
+    server = start_live(tmp_path, "--max-connections", "40", "--request-timeout", "2")
+    before = latencies(server, 30)
+    results: dict[str, list] = {}
+    attacks = {
+        "headers": b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Slow: ",
+        "body": b"POST /jobs HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Content-Length: 1000\r\n\r\n",
+    }
+    threads = [
+        threading.Thread(
+            target=lambda k=k, h=h: results.update({k: trickle(server.port, h, 15, 15)})
+        )
+        for k, h in attacks.items()
+    ]
+    for thread in threads:
+        thread.start()
+    during = []
+    while any(thread.is_alive() for thread in threads):  # bounded: each trickle ends in 15 s
+        during += latencies(server, 1)
+        threads[0].join(0.05)
+    during.sort()
+    for kind, replies in results.items():
+        for reply, seconds in replies:
+            assert reply.startswith(b"HTTP/1.1 408 "), (kind, reply)
+            assert b'"error":"request timeout"' in reply
+            assert 1.5 < seconds < 8, (kind, seconds)
+    assert during[len(during) // 2] < 0.25 and during[-1] < 2.0, during
+    FIGURES["slowloris"] = {
+        "trickling clients": sum(len(r) for r in results.values()),
+        "cut off after s (max)": round(max(s for r in results.values() for _, s in r), 2),
+        "honest requests during": len(during),
+        "honest p50 ms before": round(before[len(before) // 2] * 1000, 1),
+        "honest p50 ms during": round(during[len(during) // 2] * 1000, 1),
+        "honest max ms during": round(during[-1] * 1000, 1),
+    }
+    assert server.process.terminate() == 0
+    server.assert_no_traceback()
+
+
+def vanish(sock: socket.socket) -> None:
+    """Close with a reset (SO_LINGER 0), as a client whose machine dropped off would."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
+
+
+def stream_request(job_id: str) -> bytes:
+    return (
+        f"GET /jobs/{job_id}/log HTTP/1.1\r\nHost: x\r\nAccept: text/event-stream\r\n\r\n".encode()
+    )
+
+
+def test_clients_vanishing_mid_response_and_mid_stream_leave_nothing_behind(tmp_path):
+    server = start_live(tmp_path, "--tool", LARGE, "--tool", DRIP, "--max-connections", "60")
+    large = server.submit("large")
+    assert server.finished(large)["truncated"] is True
+    baseline_fds = fd_count(server.process.proc.pid)
+    # Mid-response: 100 big responses, each abandoned after its first bytes.
+    for index in range(100):
+        path = f"/jobs/{large}" if index % 2 else f"/jobs/{large}/log"
+        sock = connect(server.port)
+        sock.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        assert recv_until(sock, lambda data: len(data) >= 100)
+        (vanish if index % 3 else socket.socket.close)(sock)
+    # Mid-stream: 30 live event streams of a running job, abandoned three ways.
+    drip = server.submit("drip")
+    streams = []
+    for _ in range(30):
+        sock = connect(server.port)
+        sock.sendall(stream_request(drip))
+        recv_until(sock, lambda data: b"data: line" in data)
+        streams.append(sock)
+    for index, sock in enumerate(streams):
+        if index % 3 == 0:
+            vanish(sock)
+        elif index % 3 == 1:
+            sock.shutdown(socket.SHUT_WR)  # half-closed: says it is done, still reading
+        else:
+            sock.close()
+    # One faithful reader still gets the whole stream and its end.
+    with connect(server.port) as sock:
+        sock.sendall(stream_request(drip))
+        stream = recv_until(sock, lambda data: b"event: end" in data)
+    assert b"data: line 1\n" in stream and b"data: line 40\n" in stream
+    assert server.finished(drip)["status"] == "succeeded"
+    for sock in streams:
+        sock.close()
+    # Every abandoned connection is gone on the server's side too.
+    wait_until(lambda: fd_count(server.process.proc.pid) <= baseline_fds + 1)
+    assert server.healthy()
+    FIGURES["vanishing clients"] = {
+        "abandoned responses": 100,
+        "abandoned event streams": 30,
+        "server fds before/after": (baseline_fds, fd_count(server.process.proc.pid)),
+    }
+    assert server.process.terminate() == 0
+    server.assert_no_traceback()
+
+
+FLOOD = 5000
+
+
+def refused_count(socks: list[socket.socket], wanted: int, timeout: float) -> int:
+    """Read every socket until C{wanted} of them got a whole 503 and were closed."""
+    replies = {sock.fileno(): b"" for sock in socks}
+    poller = select.poll()
+    for sock in socks:
+        poller.register(sock, select.POLLIN)
+    refused = 0
+    deadline = time.monotonic() + timeout
+    by_fd = {sock.fileno(): sock for sock in socks}
+    while refused < wanted and time.monotonic() < deadline:
+        for fd, _ in poller.poll(200):
+            try:
+                data = by_fd[fd].recv(65536)
+            except OSError:
+                data = b""
+            if data:
+                replies[fd] += data
+                continue
+            poller.unregister(fd)
+            assert replies[fd].startswith(b"HTTP/1.1 503 "), replies[fd][:200]
+            refused += 1
+    return refused
+
+
+def test_a_flood_of_5000_connections_holds_the_cap_and_memory_then_serves(tmp_path):
+    assert raise_nofile(FLOOD * 2 + 1000) >= FLOOD * 2 + 1000
+    # A flood outruns the default listen backlog of 50: SYNs beyond it would wait for retries.
+    server = start_live(
+        tmp_path, "--listen", "tcp:0:interface=127.0.0.1:backlog=4096", "--max-connections", "20"
+    )
+    pid = server.process.proc.pid
+    assert server.healthy()
+    rss_before = server.process.rss_kib()
+    peak = {"rss": rss_before, "fds": fd_count(pid)}
+    sampling = threading.Event()
+
+    def sample():
+        while not sampling.is_set():
+            peak["rss"] = max(peak["rss"], server.process.rss_kib())
+            peak["fds"] = max(peak["fds"], fd_count(pid))
+            sampling.wait(0.05)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    started = time.monotonic()
+    flood = open_sockets(server.port, FLOOD, started + 30)
+    try:
+        assert len(flood) == FLOOD
+        refused = refused_count(flood, FLOOD - 20, timeout=60)
+        flooded_in = time.monotonic() - started
+        assert refused == FLOOD - 20
+        # The cap holds: twenty flood connections hold every slot, so an honest one is refused.
+        status, headers, content = parse_raw_response(
+            server.raw(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        )
+        assert_json_error(status, headers, content, 503)
+        assert headers["retry-after"] == "1"
+    finally:
+        for sock in flood:
+            sock.close()
+        sampling.set()
+        sampler.join()
+    served_at = time.monotonic()
+    wait_until(lambda: _reachable(server), interval=0.05)
+    served_after = time.monotonic() - served_at
+    growth_mib = (peak["rss"] - rss_before) / 1024
+    assert growth_mib < 64, growth_mib
+    # Refused sockets live one reactor turn (accepted in batches, answered, closed): far
+    # fewer than the flood at any moment.
+    assert peak["fds"] < FLOOD // 4, peak
+    FIGURES["connection flood"] = {
+        "connections": FLOOD,
+        "refused with a 503": refused,
+        "all answered in s": round(flooded_in, 2),
+        "rss KiB before / peak": (rss_before, peak["rss"]),
+        "peak server fds": peak["fds"],
+        "honest client served s after the flood": round(served_after, 3),
+    }
+    assert server.process.terminate() == 0
+    server.assert_no_traceback()
+
+
+def _reachable(server) -> bool:
+    try:
+        return server.healthy()
+    except (OSError, json.JSONDecodeError):
+        return False
+
+
+#: Figures the tests measured, printed at the end of the module (see docs/reliability/http.md).
+FIGURES: dict[str, dict] = {}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def report_figures():
+    yield
+    for name, figures in FIGURES.items():
+        print(f"\n{name}: {figures}")
