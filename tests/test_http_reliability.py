@@ -7,7 +7,9 @@ the server keeps serving, stays bounded, and loses no job that got a 202.
 from __future__ import annotations
 
 import json
+import os
 import select
+import signal
 import socket
 import struct
 import threading
@@ -16,9 +18,11 @@ import time
 import pytest
 from http_rel_helpers import (
     assert_json_error,
+    descendants,
     fd_count,
     open_sockets,
     parse_raw_response,
+    process_group_members,
     raise_nofile,
     start_live,
 )
@@ -501,3 +505,79 @@ def report_figures():
     yield
     for name, figures in FIGURES.items():
         print(f"\n{name}: {figures}")
+
+
+# --- faults and restarts ----------------------------------------------------------------------
+
+RUNS_CONFIG = """
+[tools.once]
+command = "sh -c 'echo $1 >> runs.txt; sleep 0.5' once {{n}}"
+cwd = "{cwd}"
+
+[tools.again]
+command = "sh -c 'echo $1 >> runs.txt; sleep 0.5' again {{n}}"
+cwd = "{cwd}"
+retry_safe = true
+
+[tools.hold]
+command = "sh -c 'echo hold >> runs.txt; exec sleep 60'"
+cwd = "{cwd}"
+"""
+
+
+def test_sigkill_with_jobs_queued_and_running_loses_nothing_on_restart(tmp_path):
+    (tmp_path / "tools.toml").write_text(RUNS_CONFIG.format(cwd=tmp_path))
+    argv = ("--workers", "3", "--config", "tools.toml")
+    runs = tmp_path / "runs.txt"
+    server = start_live(tmp_path, *argv)
+    # A job that outlives the crash by far: only the restart's sweep can end its group.
+    hold = server.submit("hold")
+    jobs = {}
+    for index in range(16):
+        tool = ("once", "again")[index % 2]
+        jobs[server.submit(tool, {"n": f"{tool}{index}"})] = (tool, f"{tool}{index}")
+    wait_until(lambda: runs.exists() and len(runs.read_text().split()) >= 5, interval=0.02)
+    # What runs at the moment of the crash, and the process groups it lives in.
+    groups = {os.getpgid(pid) for pid in descendants(server.process.proc.pid)}
+    statuses = {job_id: server.job(job_id)["status"] for job_id in jobs}
+    statuses_hold = server.job(hold)["status"]
+    server.process.proc.send_signal(signal.SIGKILL)
+    server.process.proc.wait(10)
+    started = time.monotonic()
+    restarted = start_live(tmp_path, *argv)
+    final = {job_id: restarted.finished(job_id) for job_id in jobs}
+    assert restarted.finished(hold)["status"] == "lost"
+    recovered_in = time.monotonic() - started
+    ran = runs.read_text().split()
+    for job_id, (tool, name) in jobs.items():
+        job = final[job_id]
+        if tool == "once":
+            assert ran.count(name) <= 1, f"{name} ran twice"
+            assert job["status"] in ("succeeded", "lost")
+            if job["status"] == "lost":
+                assert ran.count(name) == 1 and statuses[job_id] in ("running", "queued")
+        else:
+            assert job["status"] == "succeeded", job
+            assert 1 <= ran.count(name) <= 2
+    lost = [job_id for job_id, job in final.items() if job["status"] == "lost"]
+    twice = [name for _, name in jobs.values() if ran.count(name) == 2]
+    running_at_kill = [job_id for job_id, status in statuses.items() if status == "running"]
+    assert 1 <= len(running_at_kill) <= 2 and statuses_hold == "running"
+    assert groups, "the crashed server's jobs had no process group to check"
+    assert all(jobs[job_id][0] == "once" for job_id in lost)
+    assert all(name.startswith("again") for name in twice)
+    # No orphan: the restart killed what the crashed server's jobs left behind.
+    groups.discard(os.getpgid(0))
+    wait_until(lambda: not any(process_group_members(group) for group in groups))
+    FIGURES["sigkill restart"] = {
+        "jobs given a 202": len(jobs) + 1,
+        "running at the kill": len(running_at_kill) + 1,
+        "found after restart": len(final) + 1,
+        "succeeded": sum(job["status"] == "succeeded" for job in final.values()),
+        "lost (running, not retry-safe)": len(lost) + 1,
+        "run twice (retry-safe only)": len(twice),
+        "all finished s after restart": round(recovered_in, 2),
+        "orphan process groups left": 0,
+    }
+    assert restarted.process.terminate() == 0
+    restarted.assert_no_traceback()
