@@ -36,6 +36,7 @@ _ERROR_PHRASES = {
     "415": "The request body is not application/json.",
     "429": "The job queue is full; try again after Retry-After seconds.",
     "500": "An unexpected error; it is logged and the server keeps serving.",
+    "503": "The job could not be stored (a full disk, say); try again after Retry-After.",
 }
 
 
@@ -141,6 +142,11 @@ def document(tools: Iterable[Tool], token_required: bool) -> dict[str, Any]:
                     **_errors("400", "404", "413", "415", *auth_errors),
                     "429": {
                         "description": _ERROR_PHRASES["429"],
+                        "headers": _RETRY_AFTER,
+                        "content": _json("Error"),
+                    },
+                    "503": {
+                        "description": _ERROR_PHRASES["503"],
                         "headers": _RETRY_AFTER,
                         "content": _json("Error"),
                     },

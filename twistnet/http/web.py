@@ -56,6 +56,8 @@ RENDERED_CACHE = 1024
 #: The largest number a query (cursor, offset) or Last-Event-ID may carry: SQLite's
 #: integers and file offsets are signed 64-bit.
 MAX_QUERY_INT = 2**63 - 1
+#: Retry-After (seconds) when a new job could not be stored (a full disk, say).
+STORE_RETRY_AFTER = 5
 #: Job ids are made here (uuid4 hex); anything else in the path is simply not a job.
 JOB_ID = re.compile(r"[0-9a-f]{32}")
 
@@ -348,7 +350,16 @@ class JobApi(resource.Resource):
             )
 
         def refused(failure):
-            failure.trap(QueueFull)
+            if not failure.check(QueueFull):
+                # Not stored (a full disk, a failing database): the job does not exist, and
+                # the client may try again later; the operator gets the reason, once.
+                log.error("could not store a new job: {error}", error=failure.getErrorMessage())
+                raise ApiError(
+                    503,
+                    "store unavailable",
+                    "The job could not be stored; try again later.",
+                    {b"retry-after": str(STORE_RETRY_AFTER).encode()},
+                )
             raise ApiError(
                 429,
                 "queue full",
