@@ -195,3 +195,38 @@ def start_live(directory, *args: str, token: str | None = None, env=None) -> Liv
     if token is not None:
         argv += ["--token", token]
     return Live(TwistdProcess("twistnet-http", *argv, cwd=directory, env=env), token)
+
+
+def make_certificate(directory: Path, hostname: str = "localhost") -> tuple[Path, Path]:
+    """
+    A throwaway self-signed key and certificate: (key, cert) paths. main's tests/helpers.py
+    has the same since this branch forked; use that one once the branches meet.
+    """
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hostname)])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(hostname)]), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    key_path, cert_path = Path(directory) / "key.pem", Path(directory) / "cert.pem"
+    private = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    key_path.write_bytes(private)
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    return key_path, cert_path
