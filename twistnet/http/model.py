@@ -59,8 +59,9 @@ class Param:
 
     @ivar kind: C{string} (optionally matching C{pattern}), C{choice} (one of C{choices}),
         C{integer} (within C{minimum}..C{maximum}) or C{boolean}.
-    @ivar allow_dash: a string starting with C{-} is refused unless this is set, so a value
-        can never become an option of the command (argument injection).
+    @ivar allow_dash: a string starting with C{-} (or a negative integer, unless C{minimum}
+        is declared below 0) is refused unless this is set, so a value can never become an
+        option of the command (argument injection).
     @ivar flag: for a boolean filling a whole argument: the argument when true (dropped when
         false); without it a boolean fills in C{true} or C{false}.
     """
@@ -101,6 +102,10 @@ class Param:
         if self.kind == "integer":
             if isinstance(value, bool) or not isinstance(value, int):
                 raise ParamError(self.name, "must be an integer")
+            if value < 0 and self.minimum is None and not self.allow_dash:
+                # "-5" is as much an option as "--version"; a declared minimum below 0 or
+                # allow_dash says the operator means negatives.
+                raise ParamError(self.name, "must not be negative (it could become an option)")
             if self.minimum is not None and value < self.minimum:
                 raise ParamError(self.name, f"must be at least {self.minimum}")
             if self.maximum is not None and value > self.maximum:
@@ -144,8 +149,8 @@ class Param:
             schema = {"type": "boolean"}
         elif self.kind == "integer":
             schema = {"type": "integer"}
-            if self.minimum is not None:
-                schema["minimum"] = self.minimum
+            if self.minimum is not None or not self.allow_dash:
+                schema["minimum"] = self.minimum if self.minimum is not None else 0
             if self.maximum is not None:
                 schema["maximum"] = self.maximum
         elif self.kind == "choice":
