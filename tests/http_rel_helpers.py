@@ -124,10 +124,10 @@ def raise_nofile(wanted: int) -> int:
     if hard != resource.RLIM_INFINITY and hard < wanted:
         try:
             resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, wanted))  # root may raise hard
+            hard = wanted
         except (ValueError, OSError):
             wanted = hard
-    else:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, wanted), hard))
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, wanted), hard))
     return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 

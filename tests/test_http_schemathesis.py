@@ -193,3 +193,9 @@ def test_accepted_jobs_and_their_routes_answer_as_documented(api_schema, live, b
                 3,
                 path_parameters={"id": accepted[0]},
             )
+
+
+@pytest.mark.soak
+@pytest.mark.parametrize(("path", "method", "mode"), CASES, ids=str)
+def test_soak_every_operation_with_many_more_examples(api_schema, path, method, mode):
+    _explore(api_schema, path, method, mode, MAX_EXAMPLES * 25)
