@@ -118,7 +118,7 @@ def document(tools: Iterable[Tool], token_required: bool) -> dict[str, Any]:
                         "name": "cursor",
                         "in": "query",
                         "description": "next_cursor of the previous page.",
-                        "schema": {"type": "string", "pattern": "^[0-9]+$"},
+                        "schema": {"type": "string", "pattern": "^[0-9]{1,18}$"},
                     },
                 ],
                 "responses": {
@@ -181,7 +181,11 @@ def document(tools: Iterable[Tool], token_required: bool) -> dict[str, Any]:
                 "summary": "The raw output from a byte offset; with Accept: text/event-stream, "
                 "a live stream of it that resumes from Last-Event-ID.",
                 "parameters": [
-                    {"name": "offset", "in": "query", "schema": {"type": "integer", "minimum": 0}},
+                    {
+                        "name": "offset",
+                        "in": "query",
+                        "schema": {"type": "integer", "minimum": 0, "maximum": 2**63 - 1},
+                    },
                     {
                         "name": "Last-Event-ID",
                         "in": "header",

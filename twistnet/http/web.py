@@ -56,6 +56,8 @@ RENDERED_CACHE = 1024
 #: The largest number a query (cursor, offset) or Last-Event-ID may carry: SQLite's
 #: integers and file offsets are signed 64-bit.
 MAX_QUERY_INT = 2**63 - 1
+#: A cursor is a row number: 18 digits are plenty, and the document's pattern says so.
+MAX_CURSOR = 10**18 - 1
 #: Retry-After (seconds) when a new job could not be stored (a full disk, say).
 STORE_RETRY_AFTER = 5
 #: Job ids are made here (uuid4 hex); anything else in the path is simply not a job.
@@ -423,7 +425,7 @@ class JobApi(resource.Resource):
             raise ApiError(400, "bad request", f"status must be one of {', '.join(STATUSES)}.")
         limit = _int_query(args, b"limit", 50, 1, MAX_LIMIT)
         cursor = _query(args, b"cursor")
-        if cursor is not None and _whole_number(cursor, MAX_QUERY_INT) is None:
+        if cursor is not None and _whole_number(cursor, MAX_CURSOR) is None:
             raise ApiError(400, "bad request", "cursor must be the next_cursor of a previous page.")
 
         def page(found: tuple[list[Job], str | None]) -> None:
@@ -522,7 +524,7 @@ def _int_query(args, name: bytes, default: int, low: int, high: int | None) -> i
         return default
     number = _whole_number(text, MAX_QUERY_INT if high is None else high)
     if number is None or number < low:
-        bound = f"{low}-{high}" if high is not None else f"{low} or more"
+        bound = f"{low}-{high if high is not None else MAX_QUERY_INT}"
         raise ApiError(400, "bad request", f"{name.decode()} must be a whole number, {bound}.")
     return number
 
