@@ -142,15 +142,15 @@ class OutputCapture:
         self.total = 0
         self.kept = 0
         self.omitted = 0
+        #: The error that stopped writes to the sink (then all output is counted omitted).
+        self.failed: OSError | None = None
 
     def write(self, data: bytes) -> None:
         self.total += len(data)
         if self._head_room:
             head, data = data[: self._head_room], data[self._head_room :]
-            self._sink.write(head)
-            self._sink.flush()
             self._head_room -= len(head)
-            self.kept += len(head)
+            self._put(head)
         if data:
             self._tail += data
             excess = len(self._tail) - self._tail_limit
@@ -162,16 +162,28 @@ class OutputCapture:
     def truncated(self) -> bool:
         return self.omitted > 0
 
+    def _put(self, data: bytes) -> None:
+        """Write through to the sink; once that failed (a full disk), count the bytes lost."""
+        if self.failed is None:
+            try:
+                self._sink.write(data)
+                self._sink.flush()
+                self.kept += len(data)
+                return
+            except OSError as error:
+                self.failed = error
+        self.omitted += len(data)
+
     def close(self) -> None:
         """Write the tail (after an omission marker if bytes were dropped) and close."""
         if self.truncated:
-            marker = f"\n[... {self.omitted} bytes of output omitted ...]\n".encode()
-            self._sink.write(marker)
-            self.kept += len(marker)
-        self._sink.write(self._tail)
-        self.kept += len(self._tail)
+            self._put(f"\n[... {self.omitted} bytes of output omitted ...]\n".encode())
+        self._put(bytes(self._tail))
         self._tail = bytearray()
-        self._sink.close()
+        try:
+            self._sink.close()
+        except OSError as error:  # what a failed write left in the buffer
+            self.failed = self.failed or error
 
 
 class _Run(protocol.ProcessProtocol):
@@ -245,6 +257,12 @@ class _Run(protocol.ProcessProtocol):
             self.kill_call.cancel()
         self.kill_call = None
         self.output.close()
+        if self.output.failed is not None:
+            self.runner.log.error(
+                "job {job}: could not store all of its output: {error}",
+                job=self.job.id,
+                error=self.output.failed,
+            )
         exit_code = getattr(reason.value, "exitCode", None)
         signum = getattr(reason.value, "signal", None)
         changes: dict[str, Any] = {
