@@ -643,7 +643,9 @@ def test_a_full_disk_refuses_jobs_with_a_503_and_a_log_line_then_recovers(tmp_pa
     assert server.job(before)["status"] == "succeeded"
     assert server.healthy()
     late_job = server.finished(late)
+    server.process.wait_for_line(rf"could not store job {late} \(succeeded\): .*full")
     filler.unlink()
+    server.process.wait_for_line(f"job {late}: its state is stored after all")
     after = server.submit("echo", {"text": "after"})
     assert server.finished(after)["output"] == "after\n"
     assert server.process.terminate() == 0
