@@ -50,6 +50,8 @@ OUTPUT_HEAD = 64 * 1024
 OUTPUT_TAIL = 64 * 1024
 #: The largest JSON result a Python tool may return: it is stored in the database row.
 MAX_RESULT = 1024 * 1024
+#: Seconds between attempts to store a job's new state the store refused (a full disk).
+STORE_RETRY = 1.0
 #: Seconds between SIGTERM and SIGKILL when a job is timed out or cancelled.
 KILL_GRACE = 5.0
 #: Environment variables passed to every tool from the server's own environment; nothing
@@ -339,6 +341,10 @@ class LocalRunner(Service):
         self._per_tool: Counter[str] = Counter()
         self._watchers: dict[str, set[Callable[[Job], None]]] = {}
         self._accepting = False
+        #: Each job's newest state until it is stored; the ids of those the store refused.
+        self._latest: dict[str, Job] = {}
+        self._failing: set[str] = set()
+        self._retry_call: IDelayedCall | None = None
         #: Called with each job that reaches a terminal state (metrics).
         self.on_finished: list[Callable[[Job], None]] = []
 
@@ -396,6 +402,10 @@ class LocalRunner(Service):
         """Stop starting jobs; end the running ones (as at a restart) and wait for them."""
         super().stopService()
         self._accepting = False
+        if self._retry_call is not None and self._retry_call.active():
+            self._retry_call.cancel()
+            self._retry()  # a last try, while the store is still running
+        self._retry_call = None
         runs = list(self.active.values())
         for run in runs:
             run.terminate("server stopping")
@@ -514,10 +524,43 @@ class LocalRunner(Service):
         self.log.debug("job {job} started: {tool}", job=job.id, tool=tool.name)
 
     def _record(self, job: Job) -> None:
-        self.store.update(job).addErrback(
-            lambda f: self.log.failure("could not store job {job}", f, job=job.id)
-        )
+        self._latest[job.id] = job
+        self._store(job)
         self._notify(job)
+
+    def _store(self, job: Job) -> None:
+        self.store.update(job).addCallbacks(self._stored, self._not_stored, (job,), None, (job,))
+
+    def _stored(self, _: None, job: Job) -> None:
+        if self._latest.get(job.id) is job:
+            del self._latest[job.id]
+            if job.id in self._failing:
+                self._failing.discard(job.id)
+                self.log.info("job {job}: its state is stored after all", job=job.id)
+
+    def _not_stored(self, failure, job: Job) -> None:
+        # A full disk, say: what the API shows must still reach the database, or a restart
+        # would undo it; so the job's latest state is tried again until it is stored.
+        if self._latest.get(job.id) is not job:
+            return  # a newer state of the job is on its way
+        if job.id not in self._failing:
+            self._failing.add(job.id)
+            self.log.error(
+                "could not store job {job} ({status}): {error}; retrying every {delay:g} s",
+                job=job.id,
+                status=job.status,
+                error=failure.getErrorMessage(),
+                delay=STORE_RETRY,
+            )
+        if self.running and (self._retry_call is None or not self._retry_call.active()):
+            self._retry_call = self.clock.callLater(STORE_RETRY, self._retry)
+
+    def _retry(self) -> None:
+        self._retry_call = None
+        for job_id in list(self._failing):
+            job = self._latest.get(job_id)
+            if job is not None:
+                self._store(job)
 
     def _ended(self, run: _Run, job: Job) -> None:
         del self.active[job.id]
