@@ -330,14 +330,22 @@ def test_slowloris_headers_and_bodies_are_cut_off_while_honest_latency_stays_nor
         during += latencies(server, 1)
         threads[0].join(0.05)
     during.sort()
+    answered = 0
     for kind, replies in results.items():
         for reply, seconds in replies:
-            assert reply.startswith(b"HTTP/1.1 408 "), (kind, reply)
-            assert b'"error":"request timeout"' in reply
+            # The 408 may be lost to the client: a byte it trickles after the server closed
+            # draws a reset, and Linux drops unread data on a reset. The log says it all.
+            if reply:
+                assert reply.startswith(b"HTTP/1.1 408 "), (kind, reply)
+                assert b'"error":"request timeout"' in reply
+                answered += 1
             assert 1.5 < seconds < 8, (kind, seconds)
+    cut = [line for line in server.process.lines if "request incomplete after 2.0 s" in line]
+    assert len(cut) == 30 and answered >= 1, (len(cut), answered)
     assert during[len(during) // 2] < 0.25 and during[-1] < 2.0, during
     FIGURES["slowloris"] = {
         "trickling clients": sum(len(r) for r in results.values()),
+        "408 read by the client": answered,
         "cut off after s (max)": round(max(s for r in results.values() for _, s in r), 2),
         "honest requests during": len(during),
         "honest p50 ms before": round(before[len(before) // 2] * 1000, 1),
