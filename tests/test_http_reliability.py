@@ -16,9 +16,11 @@ import struct
 import subprocess
 import threading
 import time
+import uuid
 from pathlib import Path
 
 import pytest
+import pytest_twisted
 from http_rel_helpers import (
     assert_json_error,
     descendants,
@@ -29,8 +31,14 @@ from http_rel_helpers import (
     raise_nofile,
     start_live,
 )
+from twisted.internet import task, threads
 
 from helpers import connect, recv_until, recv_until_closed, wait_until
+from twistnet.http.model import Job
+from twistnet.http.runner import LocalRunner
+from twistnet.http.store import SQLiteJobStore
+from twistnet.http.tools import catalogue, parse_tool_option
+from twistnet.http.web import JobApi, JobSite
 
 TOKEN = "reliability-token"
 JOB_ID = "0123456789abcdef0123456789abcdef"
@@ -731,3 +739,48 @@ def test_sigterm_under_load_exits_zero_quickly_with_every_accepted_job_kept(tmp_
         "client errors at the stop": len(errors),
     }
     assert restarted.process.terminate() == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_vanished_stream_readers_leave_no_watcher_timer_or_connection(
+    tmp_path, reactor, listen
+):
+    """In process, to see the state itself: watchers, keep-alive timers, admitted channels."""
+    store = SQLiteJobStore(tmp_path / "jobs.db", reactor)
+    store.startService()
+    tools = catalogue([parse_tool_option("drip=sh -c 'echo line 1; exec sleep 30'")])
+    runner = LocalRunner(store, tools, 2, 10, reactor, kill_grace=1.0)
+    runner.startService()
+    site = JobSite(JobApi(store, runner, tools, clock=reactor), reactor=reactor)
+    port = (await listen(site)).getHost().port
+    try:
+        job = Job(id=uuid.uuid4().hex, tool="drip", params={}, timeout=30, created=0.0)
+        await runner.submit(job)
+
+        def readers_come_and_go():
+            socks = []
+            for _ in range(10):
+                sock = connect(port)
+                sock.sendall(stream_request(job.id))
+                recv_until(sock, lambda data: b"data: line" in data)
+                socks.append(sock)
+            for index, sock in enumerate(socks):
+                (vanish if index % 2 else socket.socket.close)(sock)
+
+        await threads.deferToThread(readers_come_and_go)
+        deadline = reactor.seconds() + 5
+        while (runner._watchers or len(site.registry)) and reactor.seconds() < deadline:
+            await task.deferLater(reactor, 0.05, lambda: None)
+        # Still running, so only the readers' going can have cleared its watchers.
+        assert runner.is_active(job.id)
+        assert not runner._watchers, runner._watchers
+        assert len(site.registry) == 0
+        # No stream's keep-alive timer is left (the autouse leak check sees the rest).
+        assert not [
+            call
+            for call in reactor.getDelayedCalls()
+            if getattr(call.func, "__name__", "") == "_ping"
+        ]
+    finally:
+        await runner.stopService()
+        await store.stopService()
