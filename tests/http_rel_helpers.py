@@ -189,12 +189,26 @@ def fd_count(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
 
+#: Every server start_live started, so a failing test cannot leave one running.
+STARTED: list[TwistdProcess] = []
+
+
 def start_live(directory, *args: str, token: str | None = None, env=None) -> Live:
     """`twistd -n twistnet-http --port 0 ARGS` in C{directory}, with C{--token} if given."""
     argv = [*([] if "--listen" in args else ["--port", "0"]), *args]
     if token is not None:
         argv += ["--token", token]
-    return Live(TwistdProcess("twistnet-http", *argv, cwd=directory, env=env), token)
+    process = TwistdProcess("twistnet-http", *argv, cwd=directory, env=env)
+    STARTED.append(process)
+    return Live(process, token)
+
+
+def stop_leftovers() -> None:
+    """Kill every server start_live started that is still running (a test failed early)."""
+    while STARTED:
+        process = STARTED.pop()
+        if process.proc.poll() is None:
+            process.kill()
 
 
 def make_certificate(directory: Path, hostname: str = "localhost") -> tuple[Path, Path]:

@@ -30,6 +30,7 @@ from http_rel_helpers import (
     process_group_members,
     raise_nofile,
     start_live,
+    stop_leftovers,
 )
 from twisted.internet import task, threads
 
@@ -39,6 +40,14 @@ from twistnet.http.runner import LocalRunner
 from twistnet.http.store import SQLiteJobStore
 from twistnet.http.tools import catalogue, parse_tool_option
 from twistnet.http.web import JobApi, JobSite
+
+
+@pytest.fixture(scope="module", autouse=True)
+def no_server_left_behind():
+    """A test that fails before stopping its server does not leave it running past the module."""
+    yield
+    stop_leftovers()
+
 
 TOKEN = "reliability-token"
 JOB_ID = "0123456789abcdef0123456789abcdef"

@@ -14,11 +14,19 @@ from pathlib import Path
 
 import pytest
 import schemathesis
-from http_rel_helpers import start_live
+from http_rel_helpers import start_live, stop_leftovers
 from hypothesis import HealthCheck, given, settings
 from schemathesis import GenerationMode
 
 from twistnet.http.openapi import ROUTES
+
+
+@pytest.fixture(scope="module", autouse=True)
+def no_server_left_behind():
+    """A test that fails before stopping its server does not leave it running past the module."""
+    yield
+    stop_leftovers()
+
 
 TOKEN = "schemathesis-token"
 #: Examples per operation: 8 operations (9 with methods) x this stays well under 30 s.

@@ -15,11 +15,19 @@ import time
 from pathlib import Path
 
 import pytest
-from http_rel_helpers import assert_json_error, make_certificate, start_live
+from http_rel_helpers import assert_json_error, make_certificate, start_live, stop_leftovers
 
 from helpers import run_twistd
 from twistnet.http import web
 from twistnet.http.runner import OUTPUT_HEAD, OUTPUT_TAIL
+
+
+@pytest.fixture(scope="module", autouse=True)
+def no_server_left_behind():
+    """A test that fails before stopping its server does not leave it running past the module."""
+    yield
+    stop_leftovers()
+
 
 TOKEN = "s3cr3t-T0ken-for-the-security-tests"
 
