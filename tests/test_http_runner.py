@@ -314,7 +314,7 @@ def test_output_that_cannot_be_written_is_counted_as_omitted():
     capture = OutputCapture(FullDisk(), head=4, tail=4)
     capture.write(b"0123456789")
     capture.close()
-    assert capture.error.errno == 28
+    assert capture.failed.errno == 28
     assert capture.truncated and capture.kept == 0
 
 

@@ -60,8 +60,9 @@ class Param:
 
     @ivar kind: C{string} (optionally matching C{pattern}), C{choice} (one of C{choices}),
         C{integer} (within C{minimum}..C{maximum}) or C{boolean}.
-    @ivar allow_dash: a string starting with C{-} is refused unless this is set, so a value
-        can never become an option of the command (argument injection).
+    @ivar allow_dash: a string starting with C{-} (or a negative integer, unless C{minimum}
+        is declared below 0) is refused unless this is set, so a value can never become an
+        option of the command (argument injection).
     @ivar flag: for a boolean filling a whole argument: the argument when true (dropped when
         false); without it a boolean fills in C{true} or C{false}.
     """
@@ -104,6 +105,10 @@ class Param:
         if self.kind == "integer":
             if isinstance(value, bool) or not isinstance(value, int):
                 raise ParamError(self.name, "must be an integer")
+            if value < 0 and self.minimum is None and not self.allow_dash:
+                # "-5" is as much an option as "--version"; a declared minimum below 0 or
+                # allow_dash says the operator means negatives.
+                raise ParamError(self.name, "must not be negative (it could become an option)")
             if self.minimum is not None and value < self.minimum:
                 raise ParamError(self.name, f"must be at least {self.minimum}")
             if self.maximum is not None and value > self.maximum:
@@ -126,6 +131,12 @@ class Param:
         if "\x00" in value:
             # No argv element or environment value can carry a NUL byte.
             raise ParamError(self.name, "must not contain a NUL character")
+        if not value.isascii():
+            try:
+                value.encode()
+            except UnicodeEncodeError:
+                # JSON can escape a lone surrogate (\ud800); no argv can carry one.
+                raise ParamError(self.name, "must not hold a lone surrogate") from None
         if value.startswith("-") and not self.allow_dash:
             raise ParamError(self.name, "must not start with '-' (it could become an option)")
         if self.pattern is not None and not self.pattern.fullmatch(value):
@@ -147,8 +158,8 @@ class Param:
             schema = {"type": "boolean"}
         elif self.kind == "integer":
             schema = {"type": "integer"}
-            if self.minimum is not None:
-                schema["minimum"] = self.minimum
+            if self.minimum is not None or not self.allow_dash:
+                schema["minimum"] = self.minimum if self.minimum is not None else 0
             if self.maximum is not None:
                 schema["maximum"] = self.maximum
         elif self.kind == "choice":

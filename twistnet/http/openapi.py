@@ -36,7 +36,7 @@ _ERROR_PHRASES = {
     "415": "The request body is not application/json.",
     "429": "The job queue is full; try again after Retry-After seconds.",
     "500": "An unexpected error; it is logged and the server keeps serving.",
-    "503": "The job could not be stored (disk full, say); try again after Retry-After.",
+    "503": "The job could not be stored (a full disk, say); try again after Retry-After.",
 }
 
 
@@ -118,7 +118,7 @@ def document(tools: Iterable[Tool], token_required: bool) -> dict[str, Any]:
                         "name": "cursor",
                         "in": "query",
                         "description": "next_cursor of the previous page.",
-                        "schema": {"type": "string", "pattern": "^[0-9]+$"},
+                        "schema": {"type": "string", "pattern": "^[0-9]{1,18}$"},
                     },
                 ],
                 "responses": {
@@ -147,6 +147,11 @@ def document(tools: Iterable[Tool], token_required: bool) -> dict[str, Any]:
                             "content": _json("Error"),
                         }
                         for code in ("429", "503")
+                    },
+                    "503": {
+                        "description": _ERROR_PHRASES["503"],
+                        "headers": _RETRY_AFTER,
+                        "content": _json("Error"),
                     },
                 },
             },
@@ -182,7 +187,7 @@ def document(tools: Iterable[Tool], token_required: bool) -> dict[str, Any]:
                     {
                         "name": "offset",
                         "in": "query",
-                        "schema": {"type": "integer", "minimum": 0, "maximum": 2**53},
+                        "schema": {"type": "integer", "minimum": 0, "maximum": 2**63 - 1},
                     },
                     {
                         "name": "Last-Event-ID",

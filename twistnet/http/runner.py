@@ -42,7 +42,7 @@ from twistnet.http.model import (
     Job,
     Tool,
 )
-from twistnet.http.store import IJobStore
+from twistnet.http.store import IJobStore, StoreUnavailable
 
 #: Output kept from the start of a run, streamed to the output file as it arrives.
 OUTPUT_HEAD = 64 * 1024
@@ -50,6 +50,8 @@ OUTPUT_HEAD = 64 * 1024
 OUTPUT_TAIL = 64 * 1024
 #: The largest JSON result a Python tool may return: it is stored in the database row.
 MAX_RESULT = 1024 * 1024
+#: Seconds between attempts to store a job's new state the store refused (a full disk).
+STORE_RETRY = 1.0
 #: Seconds between SIGTERM and SIGKILL when a job is timed out or cancelled.
 KILL_GRACE = 5.0
 #: Environment variables passed to every tool from the server's own environment; nothing
@@ -142,18 +144,15 @@ class OutputCapture:
         self.total = 0
         self.kept = 0
         self.omitted = 0
-        #: Why the output file could not be written (disk full, say), or None.
-        self.error: OSError | None = None
+        #: The error that stopped writes to the sink (then all output is counted omitted).
+        self.failed: OSError | None = None
 
     def write(self, data: bytes) -> None:
         self.total += len(data)
         if self._head_room:
             head, data = data[: self._head_room], data[self._head_room :]
             self._head_room -= len(head)
-            if self._write(head):
-                self.kept += len(head)
-            else:
-                self.omitted += len(head)
+            self._put(head)
         if data:
             self._tail += data
             excess = len(self._tail) - self._tail_limit
@@ -165,31 +164,28 @@ class OutputCapture:
     def truncated(self) -> bool:
         return self.omitted > 0
 
-    def _write(self, data: bytes) -> bool:
-        """Append to the file; a failure is remembered and the output kept going without it."""
-        if self.error is not None:
-            return False
-        try:
-            self._sink.write(data)
-            self._sink.flush()
-        except OSError as error:
-            self.error = error
-            return False
-        return True
+    def _put(self, data: bytes) -> None:
+        """Write through to the sink; once that failed (a full disk), count the bytes lost."""
+        if self.failed is None:
+            try:
+                self._sink.write(data)
+                self._sink.flush()
+                self.kept += len(data)
+                return
+            except OSError as error:
+                self.failed = error
+        self.omitted += len(data)
 
     def close(self) -> None:
         """Write the tail (after an omission marker if bytes were dropped) and close."""
         if self.truncated:
-            marker = f"\n[... {self.omitted} bytes of output omitted ...]\n".encode()
-            if self._write(marker):
-                self.kept += len(marker)
-        if self._write(bytes(self._tail)):
-            self.kept += len(self._tail)
+            self._put(f"\n[... {self.omitted} bytes of output omitted ...]\n".encode())
+        self._put(bytes(self._tail))
         self._tail = bytearray()
         try:
             self._sink.close()
-        except OSError as error:
-            self.error = self.error or error
+        except OSError as error:  # what a failed write left in the buffer
+            self.failed = self.failed or error
 
 
 class _Run(protocol.ProcessProtocol):
@@ -263,11 +259,11 @@ class _Run(protocol.ProcessProtocol):
             self.kill_call.cancel()
         self.kill_call = None
         self.output.close()
-        if self.output.error is not None:
+        if self.output.failed is not None:
             self.runner.log.error(
-                "job {job}: could not write its output: {error}",
+                "job {job}: could not store all of its output: {error}",
                 job=self.job.id,
-                error=self.output.error,
+                error=self.output.failed,
             )
         exit_code = getattr(reason.value, "exitCode", None)
         signum = getattr(reason.value, "signal", None)
@@ -345,6 +341,10 @@ class LocalRunner(Service):
         self._per_tool: Counter[str] = Counter()
         self._watchers: dict[str, set[Callable[[Job], None]]] = {}
         self._accepting = False
+        #: Each job's newest state until it is stored; the ids of those the store refused.
+        self._latest: dict[str, Job] = {}
+        self._failing: set[str] = set()
+        self._retry_call: IDelayedCall | None = None
         #: Called with each job that reaches a terminal state (metrics).
         self.on_finished: list[Callable[[Job], None]] = []
 
@@ -410,6 +410,10 @@ class LocalRunner(Service):
         """Stop starting jobs; end the running ones (as at a restart) and wait for them."""
         super().stopService()
         self._accepting = False
+        if self._retry_call is not None and self._retry_call.active():
+            self._retry_call.cancel()
+            self._retry()  # a last try, while the store is still running
+        self._retry_call = None
         runs = list(self.active.values())
         for run in runs:
             run.terminate("server stopping")
@@ -518,7 +522,15 @@ class LocalRunner(Service):
         )
 
     def _not_recorded(self, run: _Run, failure) -> None:
-        self.log.failure("job {job}: could not record its start", failure, job=run.job.id)
+        if failure.check(StoreUnavailable):
+            # A full disk, say: the job does not run, and the operator reads why in one line.
+            self.log.error(
+                "job {job}: not started, its start could not be recorded: {error}",
+                job=run.job.id,
+                error=failure.getErrorMessage(),
+            )
+        else:
+            self.log.failure("job {job}: could not record its start", failure, job=run.job.id)
         run.output.write(f"not started: the job store failed: {failure.value}\n".encode())
         run.processEnded(_NotStarted(127))
 
@@ -548,10 +560,43 @@ class LocalRunner(Service):
         self.log.debug("job {job} started: {tool}", job=job.id, tool=tool.name)
 
     def _record(self, job: Job) -> None:
-        self.store.update(job).addErrback(
-            lambda f: self.log.failure("could not store job {job}", f, job=job.id)
-        )
+        self._latest[job.id] = job
+        self._store(job)
         self._notify(job)
+
+    def _store(self, job: Job) -> None:
+        self.store.update(job).addCallbacks(self._stored, self._not_stored, (job,), None, (job,))
+
+    def _stored(self, _: None, job: Job) -> None:
+        if self._latest.get(job.id) is job:
+            del self._latest[job.id]
+            if job.id in self._failing:
+                self._failing.discard(job.id)
+                self.log.info("job {job}: its state is stored after all", job=job.id)
+
+    def _not_stored(self, failure, job: Job) -> None:
+        # A full disk, say: what the API shows must still reach the database, or a restart
+        # would undo it; so the job's latest state is tried again until it is stored.
+        if self._latest.get(job.id) is not job:
+            return  # a newer state of the job is on its way
+        if job.id not in self._failing:
+            self._failing.add(job.id)
+            self.log.error(
+                "could not store job {job} ({status}): {error}; retrying every {delay:g} s",
+                job=job.id,
+                status=job.status,
+                error=failure.getErrorMessage(),
+                delay=STORE_RETRY,
+            )
+        if self.running and (self._retry_call is None or not self._retry_call.active()):
+            self._retry_call = self.clock.callLater(STORE_RETRY, self._retry)
+
+    def _retry(self) -> None:
+        self._retry_call = None
+        for job_id in list(self._failing):
+            job = self._latest.get(job_id)
+            if job is not None:
+                self._store(job)
 
     def _ended(self, run: _Run, job: Job) -> None:
         del self.active[job.id]

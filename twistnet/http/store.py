@@ -415,6 +415,9 @@ class SQLiteJobStore(Service):
     def read_output(self, job_id: str, offset: int = 0, size: int = -1) -> bytes:
         try:
             with open(self._output_path(job_id), "rb") as output:
+                # Past the end there is nothing; and a far offset is EINVAL to seek().
+                if offset >= os.fstat(output.fileno()).st_size:
+                    return b""
                 output.seek(offset)
                 return output.read(size)
         except FileNotFoundError:

@@ -54,9 +54,13 @@ SSE_KEEPALIVE = 15.0
 LOG_CHUNK = 1024 * 1024
 #: Rendered finished jobs kept for fast GET /jobs/{id}: a finished job never changes.
 RENDERED_CACHE = 1024
-#: The largest byte offset or cursor accepted: beyond any real output, within SQLite's and
-#: seek()'s 64-bit integers.
-MAX_OFFSET = 2**53
+#: The largest number a query (cursor, offset) or Last-Event-ID may carry: SQLite's
+#: integers and file offsets are signed 64-bit.
+MAX_QUERY_INT = 2**63 - 1
+#: A cursor is a row number: 18 digits are plenty, and the document's pattern says so.
+MAX_CURSOR = 10**18 - 1
+#: Retry-After (seconds) when a new job could not be stored (a full disk, say).
+STORE_RETRY_AFTER = 5
 #: Job ids are made here (uuid4 hex); anything else in the path is simply not a job.
 JOB_ID = re.compile(r"[0-9a-f]{32}")
 
@@ -355,14 +359,16 @@ class JobApi(resource.Resource):
 
         def refused(failure):
             if failure.check(StoreUnavailable):
-                log.error("job not stored: {error}", error=failure.value)
+                # Not stored (a full disk, a failing database): the job does not exist, and
+                # the client may try again later; the operator gets the reason, once.
+                log.error("could not store a new job: {error}", error=failure.getErrorMessage())
                 raise ApiError(
                     503,
                     "store unavailable",
                     "The job could not be stored; try again later.",
-                    {b"retry-after": b"5"},
+                    {b"retry-after": str(STORE_RETRY_AFTER).encode()},
                 )
-            failure.trap(QueueFull)
+            failure.trap(QueueFull)  # anything else is a bug: a 500 and a traceback in the log
             raise ApiError(
                 429,
                 "queue full",
@@ -426,7 +432,7 @@ class JobApi(resource.Resource):
             raise ApiError(400, "bad request", f"status must be one of {', '.join(STATUSES)}.")
         limit = _int_query(args, b"limit", 50, 1, MAX_LIMIT)
         cursor = _query(args, b"cursor")
-        if cursor is not None and not (cursor.isdigit() and int(cursor) <= MAX_OFFSET):
+        if cursor is not None and _whole_number(cursor, MAX_CURSOR) is None:
             raise ApiError(400, "bad request", "cursor must be the next_cursor of a previous page.")
 
         def page(found: tuple[list[Job], str | None]) -> None:
@@ -441,17 +447,15 @@ class JobApi(resource.Resource):
         return self.store.list(status, _query(args, b"tool"), limit, cursor).addCallback(page)
 
     def job_log(self, request: server.Request, job_id: str) -> defer.Deferred[None]:
-        offset = _int_query(request.args, b"offset", 0, 0, MAX_OFFSET)
+        offset = _int_query(request.args, b"offset", 0, 0, MAX_QUERY_INT)
         streaming = b"text/event-stream" in (request.getHeader(b"accept") or b"")
 
         async def respond() -> None:
             job = await self._job_or_404(job_id)
             if streaming:
                 resume = request.getHeader(b"last-event-id")
-                if resume and resume.isdigit():
-                    start = min(int(resume), MAX_OFFSET)
-                else:
-                    start = offset
+                start = _whole_number(resume.decode("latin-1"), MAX_QUERY_INT) if resume else None
+                start = offset if start is None else start
                 self._count(request, "/jobs/{id}/log", 200)
                 EventStream(self, request, job, start).start()
                 return
@@ -525,9 +529,19 @@ def _int_query(args, name: bytes, default: int, low: int, high: int | None) -> i
     text = _query(args, name)
     if text is None:
         return default
-    if not text.isdigit() or int(text) < low or (high is not None and int(text) > high):
-        bound = f"{low}-{high}" if high is not None else f"{low} or more"
+    number = _whole_number(text, MAX_QUERY_INT if high is None else high)
+    if number is None or number < low:
+        bound = f"{low}-{high if high is not None else MAX_QUERY_INT}"
         raise ApiError(400, "bad request", f"{name.decode()} must be a whole number, {bound}.")
+    return number
+
+
+def _whole_number(text: str, high: int) -> int | None:
+    """C{text} as a number of ASCII digits no larger than C{high}, or None."""
+    # str.isdigit() also says yes to digits int() refuses ('\u00b2') and to numbers too large
+    # for SQLite or a file offset: either was a 500.
+    if not (text.isascii() and text.isdigit()) or len(text) > 20 or int(text) > high:
+        return None
     return int(text)
 
 
@@ -686,6 +700,21 @@ class JobChannel(http.HTTPChannel):
         self._hang_up(
             raw_response(413, "request too large", f"The body may be at most {limit} bytes.")
         )
+
+    def _respondToBadRequestAndDisconnect(self) -> None:
+        # twisted.web's own answer to a malformed request, or to a request line or headers
+        # over its limits, is a bare "400 Bad Request" with no body: every error here is JSON.
+        self._hang_up(
+            raw_response(
+                400,
+                "bad request",
+                "The request is malformed, or its line or headers are too long or too many.",
+            )
+        )
+
+    def lineLengthExceeded(self, line: bytes) -> None:
+        # A request line or header over MAX_LENGTH: LineReceiver would hang up without a word.
+        self._respondToBadRequestAndDisconnect()
 
     def too_slow(self) -> None:
         """The request did not arrive whole in time: say so and hang up."""
