@@ -109,7 +109,7 @@ def table_rows(section: Section) -> tuple[list[str], list[list[str]]]:
     subject = section.subject
     for row in section.rows.values():
         if row.missing:
-            rows.append([row.contender, f"missing: {row.missing}"] + [""] * (len(header) - 2))
+            rows.append([row.contender, "not measured (see below)"] + [""] * (len(header) - 2))
             continue
         ratio = "" if row is subject else fmt(section.ratio(row.contender), 2)
         if ratio and ratio != "-":
@@ -126,9 +126,12 @@ def text_table(section: Section) -> str:
     lines = [f"== {section.title}"]
     for row in [header, *rows]:
         lines.append("  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row)).rstrip())
-    for row in section.rows.values():
-        lines += [f"   {row.contender}: {note}" for note in row.notes]
+    lines += [f"   {row.contender}: {note}" for row in section.rows.values() for note in notes(row)]
     return "\n".join(lines)
+
+
+def notes(row: Row) -> list[str]:
+    return ([f"missing: {row.missing}"] if row.missing else []) + row.notes
 
 
 def markdown_table(section: Section) -> str:
@@ -140,9 +143,9 @@ def markdown_table(section: Section) -> str:
     lines.append("|" + "---|" * len(header))
     for row in rows:
         lines.append("| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |")
-    notes = [f"- {row.contender}: {note}" for row in section.rows.values() for note in row.notes]
-    if notes:
-        lines += ["", *notes]
+    remarks = [f"- {row.contender}: {note}" for row in section.rows.values() for note in notes(row)]
+    if remarks:
+        lines += ["", *remarks]
     return "\n".join(lines)
 
 
