@@ -96,6 +96,8 @@ class Workload:
     contenders: list[Contender]
     run: Callable[[Workload, Settings, dict[str, Server]], list[Section]]
     idle_title: str = ""
+    #: The servers speak first (a chat welcome): idle clients connect at the pace they greet.
+    greets: bool = False
     sections: list[Section] = field(default_factory=list)
 
 
@@ -260,12 +262,12 @@ def quiescent(server: Server, still: float = 0.5, limit: float = 120.0) -> None:
         last = now
 
 
-def idle_memory(server: Server, count: int) -> dict[str, float]:
+def idle_memory(server: Server, count: int, greeted: bool) -> dict[str, float]:
     quiescent(server)
     base_rss, base_fds = server.rss_kib(), server.open_fds()
     hold_ms = int((SLACK_SECONDS * 3) * 1000)
     holder = subprocess.Popen(
-        [str(binary("idle_holder")), str(server.port), str(count), str(hold_ms)],
+        [str(binary("idle_holder")), str(server.port), str(count), str(hold_ms), str(int(greeted))],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -315,7 +317,7 @@ def measure_idle(workload: Workload, settings: Settings, title: str) -> Section:
             row.missing = str(error)
             continue
         try:
-            measured = idle_memory(server, settings.idle)
+            measured = idle_memory(server, settings.idle, workload.greets)
             row.add(measured)
             print(
                 f"   {section.key} {contender.name}: {measured['kib_per_conn']:.1f} KiB/conn",
@@ -468,6 +470,7 @@ def chat_workload(settings: Settings) -> Workload:
             Contender("asyncio chat", peer("asyncio chat", "chat_asyncio.py")),
         ],
         run_chat,
+        greets=True,
     )
     clients, senders, lines = settings.chat
     sections = [

@@ -3,13 +3,14 @@
  * "connected COUNT", then only reads (and discards) what the server sends, until its
  * stdin closes or HOLD_MS milliseconds pass. Then it closes everything and exits.
  *
- * usage: idle_holder PORT COUNT HOLD_MS
+ * GREETED 1: the server speaks first; connect at the pace it greets (see connect_many_greeted).
+ * usage: idle_holder PORT COUNT HOLD_MS GREETED
  */
 #include "common.h"
 
 int main(int argc, char **argv) {
-    if (argc != 4) {
-        fprintf(stderr, "usage: idle_holder PORT COUNT HOLD_MS\n");
+    if (argc != 5) {
+        fprintf(stderr, "usage: idle_holder PORT COUNT HOLD_MS GREETED\n");
         return 2;
     }
     int port = (int)arg_long(argv, 1, "PORT");
@@ -18,7 +19,7 @@ int main(int argc, char **argv) {
     raise_nofile();
     int ep = epoll_create1(EPOLL_CLOEXEC);
     if (ep < 0) die("epoll_create1");
-    int *fds = connect_many(port, count, 10.0);
+    int *fds = connect_many_greeted(port, count, (int)arg_long(argv, 4, "GREETED"), 30.0);
     for (int i = 0; i < count; i++) {
         struct epoll_event ev = {.events = EPOLLIN, .data.fd = fds[i]};
         epoll_ctl(ep, EPOLL_CTL_ADD, fds[i], &ev);
