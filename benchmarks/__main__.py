@@ -17,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks import report
+from benchmarks import report, workloads
 from benchmarks.processes import raise_fd_limit, twistd_executable
 from benchmarks.workloads import TARGETS, WORKLOADS, Settings, run_workload
 
@@ -45,6 +45,11 @@ def parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--idle", type=int, help="idle connections for memory (default 5000)")
     parser.add_argument(
         "--large", action="store_true", help="add the 5,000-client point to the chat growth"
+    )
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="py-spy profile of each twistnet server in one extra run (into benchmarks/.build/)",
     )
     parser.add_argument("--output", type=Path, help="where to write the Markdown report")
     parser.add_argument("--no-write", action="store_true", help="print only, write no report")
@@ -82,8 +87,11 @@ def main(argv: list[str] | None = None) -> int:
     if limit < settings.idle + 100:
         print(f"warning: open-file limit {limit} is below {settings.idle} idle connections")
     shutil.rmtree(settings.workdir, ignore_errors=True)
+    if args.profile:
+        workloads.PROFILE_DIR[0] = settings.workdir.parent / "profiles"
     info = report.machine()
-    info["twistd"] = twistd_executable()
+    for name in names:
+        info[f"twistd for {name}"] = twistd_executable(f"twistnet-{name}")
     started = time.monotonic()
     print(f"twistnet benchmarks: {' '.join(names)} ({describe(settings)})", flush=True)
 

@@ -29,9 +29,17 @@ class Missing(Exception):
     """A contender that cannot run here; the message says why (shown in the table)."""
 
 
-def twistd_executable() -> str:
-    """$TWISTNET_TWISTD, else the twistd installed beside this Python."""
-    return os.environ.get("TWISTNET_TWISTD") or str(Path(sys.executable).parent / "twistd")
+def twistd_executable(service: str = "") -> str:
+    """
+    The twistd to run C{service} (e.g. C{twistnet-chat}) with: $TWISTNET_TWISTD_CHAT, else
+    $TWISTNET_TWISTD, else the twistd installed beside this Python.
+    """
+    specific = "TWISTNET_TWISTD_" + service.removeprefix("twistnet-").upper() if service else ""
+    return (
+        (os.environ.get(specific) if specific else None)
+        or os.environ.get("TWISTNET_TWISTD")
+        or str(Path(sys.executable).parent / "twistd")
+    )
 
 
 def raise_fd_limit(wanted: int = 65536) -> int:

@@ -42,6 +42,8 @@ class Section:
     figures: list[Figure]
     rows: dict[str, Row] = field(default_factory=dict)
     note: str = ""
+    #: A py-spy summary of twistnet's server under this load, when one was taken.
+    profile: str = ""
 
     @property
     def primary(self) -> Figure:
@@ -146,6 +148,15 @@ def markdown_table(section: Section) -> str:
     remarks = [f"- {row.contender}: {note}" for row in section.rows.values() for note in notes(row)]
     if remarks:
         lines += ["", *remarks]
+    if section.profile:
+        lines += [
+            "",
+            "Profile of the twistnet server under this load:",
+            "",
+            "```",
+            section.profile,
+            "```",
+        ]
     return "\n".join(lines)
 
 

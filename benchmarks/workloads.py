@@ -17,6 +17,7 @@ import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from http.client import HTTPConnection, HTTPException
 from pathlib import Path
 
 from benchmarks.build import binary
@@ -29,6 +30,7 @@ from benchmarks.processes import (
     require_tool,
     twistd_executable,
 )
+from benchmarks.profiling import profile
 from benchmarks.report import Figure, Section, Target
 
 LOOPBACK_TCP = "tcp:0:interface=127.0.0.1"
@@ -59,6 +61,8 @@ class Settings:
     chat_window: int = 50
     log: tuple[int, int, int] = (10, 100_000, 100)  # connections, lines each, line bytes
     http_connections: int = 50
+    #: Take a py-spy profile of each twistnet server in one extra, unreported run.
+    profile: bool = False
     workdir: Path = Path("benchmarks/.build/run")
 
     @classmethod
@@ -108,7 +112,7 @@ class TwistdServer(Server):
     """A twistnet service under twistd; one that has not landed yet is reported as such."""
 
     def __init__(self, service: str, args: tuple[str, ...], workdir: Path) -> None:
-        self.twistd = twistd_executable()
+        self.twistd = twistd_executable(service)
         self.service = service
         argv = [self.twistd, "-n", "--pidfile=", service, "--listen", LOOPBACK_TCP, *args]
         super().__init__(service, argv, workdir)
@@ -215,7 +219,7 @@ def interleave(
                 continue
             try:
                 measured = measure(name, server)
-            except (Failed, Missing) as error:
+            except (Failed, Missing, OSError, subprocess.SubprocessError, ValueError) as error:
                 row.notes.append(f"round {number}: {error}")
                 print(f"   {section.key} {name} round {number}: {error}", flush=True)
                 continue
@@ -226,6 +230,32 @@ def interleave(
                 if f.key in measured
             )
             print(f"   {section.key} round {number} {name}: {shown}", flush=True)
+    if PROFILE_DIR[0] is not None:
+        profile_subject(section, servers, measure)
+
+
+#: Where profiles go when asked for (set by the command line), else None.
+PROFILE_DIR: list[Path | None] = [None]
+
+
+def profile_subject(section: Section, servers: dict[str, Server], measure) -> None:
+    """One extra run of the twistnet server under py-spy; its summary becomes a note."""
+    subject = section.subject
+    if subject is None or subject.missing or subject.contender not in servers:
+        return
+    server = servers[subject.contender]
+    out = PROFILE_DIR[0] / f"{section.key}.txt"
+    try:
+        result = profile(server, lambda: measure(subject.contender, server), out)
+    except (Failed, Missing, OSError, subprocess.SubprocessError, ValueError) as error:
+        section.profile = f"profile run failed: {error}"
+        return
+    if result is None:
+        section.profile = "py-spy not installed (uv run --group bench)"
+        return
+    summary, raw = result
+    section.profile = f"py-spy, {raw.name} in {raw.parent}:\n{summary}"
+    print(f"   {section.key} profile of {subject.contender}:\n{summary}", flush=True)
 
 
 def new_sections(workload: Workload, sections: list[Section]) -> list[Section]:
@@ -665,9 +695,7 @@ class HttpState:
 
 
 def http_request(port: int, method: str, path: str, body: bytes | None = None):
-    import http.client
-
-    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    connection = HTTPConnection("127.0.0.1", port, timeout=10)
     try:
         headers = {"Content-Type": "application/json"} if body is not None else {}
         connection.request(method, path, body=body, headers=headers)
@@ -803,21 +831,28 @@ class JobServer(TwistdServer):
 
     def start(self) -> int:
         port = super().start()
+        try:
+            location, body = self.first_job(port)
+        except (OSError, HTTPException, ValueError) as error:
+            self.stop()
+            raise Missing(f"a first POST /jobs and GET failed: {error!r}; {self.tail()}") from None
+        self.state.job_path = location
+        self.state.body_file = self.workdir / "job.json"
+        self.state.body_file.write_bytes(body)
+        return port
+
+    def first_job(self, port: int) -> tuple[str, bytes]:
+        """Submit a job and wait for it to finish: its location and its JSON."""
         status, location, _ = http_request(port, "POST", "/jobs", json.dumps(POST_BODY).encode())
         if status != 202 or not location:
-            self.stop()
-            raise Missing(f"POST /jobs answered {status}, not 202 with a Location")
+            raise ValueError(f"POST /jobs answered {status}, not 202 with a Location")
         deadline = time.monotonic() + 30
         while True:
             status, _, body = http_request(port, "GET", location)
             finished = status == 200 and json.loads(body).get("status") not in ("queued", "running")
             if finished or time.monotonic() > deadline:
-                break
+                return location, body
             time.sleep(0.05)
-        self.state.job_path = location
-        self.state.body_file = self.workdir / "job.json"
-        self.state.body_file.write_bytes(body)
-        return port
 
 
 def twistnet_http(state: HttpState) -> Callable[[Path], Server]:
