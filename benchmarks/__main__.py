@@ -17,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks import report, workloads
+from benchmarks import report
 from benchmarks.processes import raise_fd_limit, twistd_executable
 from benchmarks.workloads import TARGETS, WORKLOADS, Settings, run_workload
 
@@ -74,6 +74,8 @@ def settings_from(args: argparse.Namespace) -> Settings:
         changes["duration"] = args.duration
     if args.idle is not None:
         changes["idle"] = args.idle
+    if args.profile:
+        changes["profile"] = True
     if args.large:
         changes["chat_growth"] = (*settings.chat_growth, 5000)
     return dataclasses.replace(settings, **changes)
@@ -87,8 +89,6 @@ def main(argv: list[str] | None = None) -> int:
     if limit < settings.idle + 100:
         print(f"warning: open-file limit {limit} is below {settings.idle} idle connections")
     shutil.rmtree(settings.workdir, ignore_errors=True)
-    if args.profile:
-        workloads.PROFILE_DIR[0] = settings.workdir.parent / "profiles"
     info = report.machine()
     for name in names:
         info[f"twistd for {name}"] = twistd_executable(f"twistnet-{name}")

@@ -119,7 +119,7 @@ class Server:
                 self.port = int(match.group("port"))
                 return self.port
             if self.proc.poll() is not None:
-                raise Missing(f"exited with status {self.proc.returncode}: {self.tail()}")
+                raise Missing(f"exited with status {self.proc.returncode}: {self.problem()}")
             if time.monotonic() > deadline:
                 self.stop()
                 raise Missing(f"did not say where it listens in {START_SECONDS:.0f}s")
@@ -128,6 +128,14 @@ class Server:
     def tail(self, lines: int = 1) -> str:
         text = self.logpath.read_text(errors="replace").strip().splitlines()
         return " / ".join(line.strip() for line in text[-lines:]) or "(no output)"
+
+    def problem(self) -> str:
+        """The last line of the log that reads like an error, else its last line."""
+        text = self.logpath.read_text(errors="replace").strip().splitlines()
+        for line in reversed(text):
+            if re.search(r"critical|error|Error|cannot|not available", line):
+                return line.strip()[:300]
+        return self.tail()
 
     @property
     def pid(self) -> int:

@@ -177,7 +177,7 @@ def run_loadgen(argv: list[str], server: Server, planned: float) -> tuple[dict, 
     except (IndexError, json.JSONDecodeError):
         raise Failed(f"load generator failed ({proc.returncode}): {err.strip()[-300:]}") from None
     if not server.alive():
-        raise Failed(f"server exited during the run: {server.tail()}")
+        raise Failed(f"server exited during the run: {server.problem()}")
     if proc.returncode != 0:
         summary["failure"] = f"exit {proc.returncode}: {err.strip()[-200:]} {out.strip()[-200:]}"
     return summary, peak
@@ -205,17 +205,17 @@ def slug(name: str) -> str:
 def interleave(
     section: Section,
     servers: dict[str, Server],
-    rounds: int,
+    settings: Settings,
     measure: Callable[[str, Server], dict[str, float]],
 ) -> None:
     """Measure every contender once per round, in the same order each round."""
-    for number in range(1, rounds + 1):
+    for number in range(1, settings.rounds + 1):
         for name, server in servers.items():
             row = section.row(name)
             if row.missing:
                 continue
             if not server.alive():
-                row.missing = f"server exited: {server.tail()}"
+                row.missing = f"server exited: {server.problem()}"
                 continue
             try:
                 measured = measure(name, server)
@@ -230,21 +230,17 @@ def interleave(
                 if f.key in measured
             )
             print(f"   {section.key} round {number} {name}: {shown}", flush=True)
-    if PROFILE_DIR[0] is not None:
-        profile_subject(section, servers, measure)
+    if settings.profile:
+        profile_subject(section, servers, measure, settings.workdir.parent / "profiles")
 
 
-#: Where profiles go when asked for (set by the command line), else None.
-PROFILE_DIR: list[Path | None] = [None]
-
-
-def profile_subject(section: Section, servers: dict[str, Server], measure) -> None:
+def profile_subject(section: Section, servers: dict[str, Server], measure, where: Path) -> None:
     """One extra run of the twistnet server under py-spy; its summary becomes a note."""
     subject = section.subject
     if subject is None or subject.missing or subject.contender not in servers:
         return
     server = servers[subject.contender]
-    out = PROFILE_DIR[0] / f"{section.key}.txt"
+    out = where / f"{section.key}.txt"
     try:
         result = profile(server, lambda: measure(subject.contender, server), out)
     except (Failed, Missing, OSError, subprocess.SubprocessError, ValueError) as error:
@@ -397,7 +393,7 @@ def run_echo(workload: Workload, settings: Settings, servers: dict[str, Server])
                 raise Failed(summary.get("failure", "no message came back"))
             return {**{f.key: summary[f.key] for f in ECHO_FIGURES[:4]}, "rss_mib": mib(peak)}
 
-        interleave(section, servers, settings.rounds, measure)
+        interleave(section, servers, settings, measure)
 
 
 def echo_workload(settings: Settings) -> Workload:
@@ -482,13 +478,13 @@ def chat_measure(settings: Settings, clients: int, senders: int, lines: int):
 def run_chat(workload: Workload, settings: Settings, servers: dict[str, Server]) -> None:
     clients, senders, lines = settings.chat
     main = next(s for s in workload.sections if s.key == "chat")
-    interleave(main, servers, settings.rounds, chat_measure(settings, clients, senders, lines))
+    interleave(main, servers, settings, chat_measure(settings, clients, senders, lines))
     for size in settings.chat_growth:
         section = next(s for s in workload.sections if s.key == f"chat-{size}")
         growth_senders = min(senders, size - 1)
         growth_lines = chat_lines(settings, size, growth_senders)
         measure = chat_measure(settings, size, growth_senders, growth_lines)
-        interleave(section, servers, settings.rounds, measure)
+        interleave(section, servers, settings, measure)
 
 
 def chat_workload(settings: Settings) -> Workload:
@@ -580,6 +576,16 @@ def classic_log(workdir: Path) -> Server:
     )
 
 
+def check_lines(path: Path, expected: int, size: int) -> None:
+    """After the clock: at least C{expected} lines in the file, every one whole."""
+    data = path.read_bytes()
+    found = data.count(b"\n")
+    if found < expected:
+        raise Failed(f"only {found:,} of {expected:,} lines in the file")
+    if any(len(line) != size - 1 for line in data[:-1].split(b"\n")[:expected]):
+        raise Failed("a line in the file is not whole (split, merged or changed)")
+
+
 def run_log(workload: Workload, settings: Settings, servers: dict[str, Server]) -> None:
     connections, lines, size = settings.log
     total = connections * lines * size
@@ -607,6 +613,7 @@ def run_log(workload: Workload, settings: Settings, servers: dict[str, Server]) 
                 f"{summary['file_bytes']:,} of {summary['expected_bytes']:,} bytes visible: "
                 f"{summary['failure']}"
             )
+        check_lines(path, connections * lines - held[name] // size, size)
         return {
             "lines_per_s": summary["lines_per_s"],
             "mib_per_s": summary["mib_per_s"],
@@ -614,7 +621,7 @@ def run_log(workload: Workload, settings: Settings, servers: dict[str, Server]) 
             "rss_mib": mib(peak),
         }
 
-    interleave(section, servers, settings.rounds, measure)
+    interleave(section, servers, settings, measure)
 
 
 def log_workload(settings: Settings) -> Workload:
@@ -795,7 +802,7 @@ def run_http(workload: Workload, settings: Settings, servers: dict[str, Server])
     def measure_get(name: str, server: Server) -> dict[str, float]:
         return with_peak_rss(server, lambda: wrk(server.port, state.job_path, settings))
 
-    interleave(get, servers, settings.rounds, measure_get)
+    interleave(get, servers, settings, measure_get)
     subject = workload.contenders[0].name
     for contender in workload.contenders[1:]:
         post.row(contender.name).missing = "a bare handler stores no job: twistnet only"
@@ -806,7 +813,7 @@ def run_http(workload: Workload, settings: Settings, servers: dict[str, Server])
         result = with_peak_rss(server, lambda: wrk(server.port, "/jobs", settings, WRK_POST_SCRIPT))
         return {**result, "jobs_per_s": result["ok_per_s"]}
 
-    interleave(post, {subject: servers[subject]}, settings.rounds, measure_post)
+    interleave(post, {subject: servers[subject]}, settings, measure_post)
 
 
 def http_peer(name: str, script: str, state: HttpState, module: str | None = None):
@@ -835,7 +842,9 @@ class JobServer(TwistdServer):
             location, body = self.first_job(port)
         except (OSError, HTTPException, ValueError) as error:
             self.stop()
-            raise Missing(f"a first POST /jobs and GET failed: {error!r}; {self.tail()}") from None
+            raise Missing(
+                f"a first POST /jobs and GET failed: {error!r}; {self.problem()}"
+            ) from None
         self.state.job_path = location
         self.state.body_file = self.workdir / "job.json"
         self.state.body_file.write_bytes(body)
