@@ -20,16 +20,20 @@ class Figure:
 @dataclass
 class Row:
     contender: str
-    values: dict[str, list[float]] = field(default_factory=dict)
+    #: Round number -> the figures measured in that round.
+    rounds: dict[int, dict[str, float]] = field(default_factory=dict)
     missing: str | None = None
     notes: list[str] = field(default_factory=list)
 
-    def add(self, measured: dict[str, float]) -> None:
-        for key, value in measured.items():
-            self.values.setdefault(key, []).append(value)
+    def add(self, measured: dict[str, float], round_number: int | None = None) -> None:
+        number = round_number if round_number is not None else len(self.rounds) + 1
+        self.rounds[number] = dict(measured)
+
+    def values(self, key: str) -> list[float]:
+        return [figures[key] for figures in self.rounds.values() if key in figures]
 
     def median(self, key: str) -> float | None:
-        values = self.values.get(key)
+        values = self.values(key)
         return statistics.median(values) if values else None
 
 
@@ -57,15 +61,27 @@ class Section:
         return next(iter(self.rows.values()), None)
 
     def ratio(self, contender: str) -> float | None:
-        """twistnet's median primary figure divided by C{contender}'s."""
+        """
+        twistnet's primary figure divided by C{contender}'s: the median of the per-round
+        ratios (each round measures both back to back, under the same load from elsewhere),
+        or the ratio of the medians when they share no round.
+        """
         subject = self.subject
         if subject is None or contender not in self.rows:
             return None
-        ours = subject.median(self.primary.key)
-        theirs = self.rows[contender].median(self.primary.key)
-        if ours is None or not theirs:
+        key = self.primary.key
+        theirs = self.rows[contender]
+        paired = [
+            ours[key] / theirs.rounds[number][key]
+            for number, ours in subject.rounds.items()
+            if key in ours and theirs.rounds.get(number, {}).get(key)
+        ]
+        if paired:
+            return statistics.median(paired)
+        ours_median, theirs_median = subject.median(key), theirs.median(key)
+        if ours_median is None or not theirs_median:
             return None
-        return ours / theirs
+        return ours_median / theirs_median
 
 
 @dataclass(frozen=True)
@@ -116,7 +132,7 @@ def table_rows(section: Section) -> tuple[list[str], list[list[str]]]:
         ratio = "" if row is subject else fmt(section.ratio(row.contender), 2)
         if ratio and ratio != "-":
             ratio += "x"
-        rounds = len(row.values.get(primary.key, []))
+        rounds = len(row.values(primary.key))
         cells = [fmt(row.median(figure.key), figure.digits) for figure in section.figures]
         rows.append([row.contender, *cells, ratio, str(rounds)])
     return header, rows
@@ -209,7 +225,8 @@ def markdown(
         f"Measured {now} with `{command}` ({settings}).",
         "Each figure is the median over the rounds; the contenders of a table were driven in",
         "interleaved rounds (A B C A B C ...) on the same machine, loopback only, by load",
-        "generators written in C (`benchmarks/loadgen/`) and `wrk` for HTTP.",
+        "generators written in C (`benchmarks/loadgen/`) and `wrk` for HTTP. A ratio is the",
+        "median over the rounds of twistnet's figure divided by the peer's in the same round.",
         "",
         "## Machine",
         "",

@@ -223,7 +223,7 @@ def interleave(
                 row.notes.append(f"round {number}: {error}")
                 print(f"   {section.key} {name} round {number}: {error}", flush=True)
                 continue
-            row.add(measured)
+            row.add(measured, number)
             shown = ", ".join(
                 f"{f.label} {measured[f.key]:.{f.digits}f}"
                 for f in section.figures

@@ -34,9 +34,17 @@ def section_with(values: dict[str, list[float]]) -> Section:
     return section
 
 
-def test_ratio_is_of_medians_of_the_first_figure_against_the_first_row():
+def test_ratio_is_the_median_of_per_round_ratios_of_the_first_figure_to_the_first_row():
     section = section_with({"twistnet": [100, 300, 200], "peer": [50, 1000, 100]})
-    assert section.ratio("peer") == pytest.approx(2.0)  # median 200 / median 100
+    # Per round: 2.0, 0.3, 2.0. A noisy round of one contender does not swing the ratio.
+    assert section.ratio("peer") == pytest.approx(2.0)
+    assert section.subject.median("rate") == 200
+
+
+def test_ratio_of_medians_when_rounds_do_not_pair():
+    section = section_with({"twistnet": [100, 300, 200]})
+    section.row("peer").add({"rate": 50.0, "p99": 1.0}, round_number=7)
+    assert section.ratio("peer") == pytest.approx(4.0)
 
 
 def test_target_met_and_not_met_and_at_most():
