@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import shlex
 import shutil
@@ -107,6 +108,9 @@ def main(argv: list[str] | None = None) -> int:
     print(report.targets_text(sections, targets))
     print(f"\n{time.monotonic() - started:.0f} s in all")
 
+    raw = settings.workdir.parent / "results.json"
+    raw.write_text(json.dumps(report.as_json(sections, info), indent=1))
+    print(f"every round's figures: {raw}")
     if not args.no_write:
         output = args.output or (SMOKE_OUTPUT if args.smoke else DEFAULT_OUTPUT)
         output.parent.mkdir(parents=True, exist_ok=True)

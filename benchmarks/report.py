@@ -246,6 +246,25 @@ def markdown(
     return "\n".join(out)
 
 
+def as_json(sections: list[Section], info: dict[str, str]) -> dict:
+    """Every round's figures, for a closer look than the medians."""
+    return {
+        "machine": info,
+        "sections": [
+            {
+                "key": section.key,
+                "title": section.title,
+                "rows": {row.contender: _row_json(row) for row in section.rows.values()},
+            }
+            for section in sections
+        ],
+    }
+
+
+def _row_json(row: Row) -> dict:
+    return {"rounds": row.rounds, "missing": row.missing, "notes": row.notes}
+
+
 def targets_text(sections: list[Section], targets: list[Target]) -> str:
     by_key = {section.key: section for section in sections}
     lines = ["== targets"]

@@ -234,6 +234,11 @@ def interleave(
         profile_subject(section, servers, measure, settings.workdir.parent / "profiles")
 
 
+#: A profile covers at least this long a stretch of load, in at most so many repeated runs.
+PROFILE_SECONDS = 3.0
+PROFILE_REPEATS = 20
+
+
 def profile_subject(section: Section, servers: dict[str, Server], measure, where: Path) -> None:
     """One extra run of the twistnet server under py-spy; its summary becomes a note."""
     subject = section.subject
@@ -241,8 +246,17 @@ def profile_subject(section: Section, servers: dict[str, Server], measure, where
         return
     server = servers[subject.contender]
     out = where / f"{section.key}.txt"
+
+    def repeat() -> None:
+        # Short runs (a chat round can take a quarter of a second) repeat for enough samples.
+        until = time.monotonic() + PROFILE_SECONDS
+        for _ in range(PROFILE_REPEATS):
+            measure(subject.contender, server)
+            if time.monotonic() > until:
+                break
+
     try:
-        result = profile(server, lambda: measure(subject.contender, server), out)
+        result = profile(server, repeat, out)
     except (Failed, Missing, OSError, subprocess.SubprocessError, ValueError) as error:
         section.profile = f"profile run failed: {error}"
         return
@@ -669,7 +683,7 @@ HTTP_FIGURES = [
 ]
 POST_FIGURES = [Figure("jobs_per_s", "durable jobs/s (202)"), *HTTP_FIGURES[1:]]
 
-#: The job the POST benchmark submits: the harmless built-in echo tool.
+#: The job submitted first, whose JSON GET serves: the harmless built-in echo tool.
 POST_BODY = {"tool": "echo", "params": {"text": "benchmark"}}
 
 #: Far above the benchmark's connection count (the service's default is 20) and a queue deep
