@@ -91,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"warning: open-file limit {limit} is below {settings.idle} idle connections")
     shutil.rmtree(settings.workdir, ignore_errors=True)
     info = report.machine()
+    load = os.getloadavg()[0]
     for name in names:
         info[f"twistd for {name}"] = twistd_executable(f"twistnet-{name}")
     started = time.monotonic()
@@ -115,7 +116,6 @@ def main(argv: list[str] | None = None) -> int:
         output = args.output or (SMOKE_OUTPUT if args.smoke else DEFAULT_OUTPUT)
         output.parent.mkdir(parents=True, exist_ok=True)
         remarks = list(args.remark)
-        load = os.getloadavg()[0]
         if load > (os.cpu_count() or 1) * 0.5:
             remarks.append(
                 f"The machine was loaded when this run started (load average {load:.2f} on "
