@@ -27,38 +27,50 @@ static long *observer_seen; /* per sender: 1 + highest sequence the observer rec
 static long nlines, line_size, window;
 static int nsenders, observer;
 
-static void handle_line(client_t *c, const char *line, long len) {
-    const char *mark = memmem(line, (size_t)len, "BENCH ", 6);
-    if (!mark || line + len - mark < 20) return;
-    int sender = atoi(mark + 6);
-    long seq = atol(mark + 12);
-    if (sender == c->id || sender < 0 || sender >= nsenders) return;
-    c->delivered++;
-    if (c->id == observer && seq + 1 > observer_seen[sender]) observer_seen[sender] = seq + 1;
+static long digits(const char *text, int count) {
+    long value = 0;
+    for (int i = 0; i < count; i++) {
+        if (text[i] < '0' || text[i] > '9') return -1;
+        value = value * 10 + (text[i] - '0');
+    }
+    return value;
 }
 
+/* One received line: counts it when it is another client's BENCH line. */
+static void handle_line(client_t *c, const char *line, long len) {
+    const char *mark = memmem(line, (size_t)len, "BENCH ", 6);
+    if (!mark || line + len - mark < 22) return;
+    long sender = digits(mark + 6, 5);
+    if (sender < 0 || sender == c->id || sender >= nsenders) return;
+    c->delivered++;
+    if (c->id == observer) {
+        long seq = digits(mark + 12, 9);
+        if (seq + 1 > observer_seen[sender]) observer_seen[sender] = seq + 1;
+    }
+}
+
+/* Split what arrived into lines (memchr: this loop is the client's hot path). */
 static void consume(client_t *c, const char *data, long len) {
-    long start = 0;
-    for (long i = 0; i < len; i++) {
-        if (data[i] != '\n') continue;
+    const char *start = data, *end = data + len, *newline;
+    while ((newline = memchr(start, '\n', (size_t)(end - start))) != NULL) {
+        long piece = newline - start;
         if (c->skipping) {
             c->skipping = 0;
         } else if (c->carry_len) {
-            long piece = i - start;
             if (c->carry_len + piece <= CARRY) {
-                memcpy(c->carry + c->carry_len, data + start, (size_t)piece);
+                memcpy(c->carry + c->carry_len, start, (size_t)piece);
                 handle_line(c, c->carry, c->carry_len + piece);
             }
         } else {
-            handle_line(c, data + start, i - start);
+            handle_line(c, start, piece);
         }
         c->carry_len = 0;
-        start = i + 1;
+        start = newline + 1;
     }
-    long rest = len - start;
+    long rest = end - start;
     if (rest > 0 && !c->skipping) {
         if (c->carry_len + rest <= CARRY) {
-            memcpy(c->carry + c->carry_len, data + start, (size_t)rest);
+            memcpy(c->carry + c->carry_len, start, (size_t)rest);
             c->carry_len += (int)rest;
         } else {
             c->carry_len = 0;
