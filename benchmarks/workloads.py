@@ -34,6 +34,7 @@ from benchmarks.profiling import profile
 from benchmarks.report import Figure, Section, Target
 
 LOOPBACK_TCP = "tcp:0:interface=127.0.0.1"
+ROOT = Path(__file__).resolve().parent.parent
 
 #: Bounds for one load generator run beyond its own planned length (slow servers, busy machine).
 SLACK_SECONDS = 120.0
@@ -266,7 +267,8 @@ def profile_subject(section: Section, servers: dict[str, Server], measure, where
         section.profile = "py-spy not installed (uv run --group bench)"
         return
     summary, raw = result
-    section.profile = f"py-spy, {raw.name} in {raw.parent}:\n{summary}"
+    where_shown = raw.parent.relative_to(ROOT) if raw.is_relative_to(ROOT) else raw.parent
+    section.profile = f"py-spy, {raw.name} in {where_shown}:\n{summary}"
     print(f"   {section.key} profile of {subject.contender}:\n{summary}", flush=True)
 
 
