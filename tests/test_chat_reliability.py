@@ -2,7 +2,7 @@
 The chat under bad input, hostile clients and faults (issue 7): property-based framing,
 slowloris, a connection flood, slow consumers, half-closes and resets, and TLS.
 
-The figures these tests print (run with C{-s}) are recorded in docs/reliability/chat.md.
+The figures these tests print (run with C{-s}) are recorded in docs/reliability.md.
 """
 
 from __future__ import annotations

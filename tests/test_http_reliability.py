@@ -526,7 +526,7 @@ def _reachable(server) -> bool:
         return False
 
 
-#: Figures the tests measured, printed at the end of the module (see docs/reliability/http.md).
+#: Figures the tests measured, printed at the end of the module (see docs/reliability.md).
 FIGURES: dict[str, dict] = {}
 
 

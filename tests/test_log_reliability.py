@@ -1,7 +1,7 @@
 """
 The log service under hostile input, hostile clients and faults (issue 7): nothing lost.
 
-Figures are printed (run with C{-s} to see them) and recorded in docs/reliability/log.md.
+Figures are printed (run with C{-s} to see them) and recorded in docs/reliability.md.
 """
 
 from __future__ import annotations
