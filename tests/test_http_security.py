@@ -190,7 +190,7 @@ def test_the_token_is_compared_in_constant_time(live):
         "longer": "Bearer " + TOKEN + "x",
         "empty": "Bearer ",
         "no scheme": TOKEN,
-        "lower-case scheme": "bearer " + TOKEN,
+        "lower-case token": "Bearer " + TOKEN.lower(),
         "basic": "Basic " + TOKEN,
         "non-ascii": "Bearer \u00e9\u00e9",
     }
@@ -213,6 +213,15 @@ def test_the_token_is_compared_in_constant_time(live):
     # Reads need no token; and the right one works.
     assert live.request("GET", "/healthz", token="unused")[0] == 200
     assert live.json("POST", "/jobs", {"tool": "show", "params": {"text": "ok"}})[0] == 202
+    # The scheme is case-insensitive (RFC 9110); only the token must match exactly.
+    status, _, _ = live.request(
+        "POST",
+        "/jobs",
+        {"tool": "show", "params": {"text": "any case"}},
+        headers={"Authorization": "bEARER " + TOKEN},
+        token="unused",
+    )
+    assert status == 202
     print(f"\n401 median ms by kind of wrong token: {timings}")
 
 

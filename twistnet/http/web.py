@@ -298,7 +298,9 @@ class JobApi(resource.Resource):
     def _authorize(self, request: server.Request) -> None:
         if self._expected is None:
             return
-        given = request.getHeader(b"authorization") or b""
+        scheme, _, credentials = (request.getHeader(b"authorization") or b"").partition(b" ")
+        # The scheme is case-insensitive (RFC 9110, section 11.1); the token is not.
+        given = scheme.capitalize() + b" " + credentials
         # Constant time: the comparison must not reveal how much of a guess was right.
         if not hmac.compare_digest(hashlib.sha256(given).digest(), self._expected):
             raise ApiError(
