@@ -131,12 +131,6 @@ class Param:
         if "\x00" in value:
             # No argv element or environment value can carry a NUL byte.
             raise ParamError(self.name, "must not contain a NUL character")
-        if not value.isascii():
-            try:
-                value.encode()
-            except UnicodeEncodeError:
-                # JSON can escape a lone surrogate (\ud800); no argv can carry one.
-                raise ParamError(self.name, "must not hold a lone surrogate") from None
         if value.startswith("-") and not self.allow_dash:
             raise ParamError(self.name, "must not start with '-' (it could become an option)")
         if self.pattern is not None and not self.pattern.fullmatch(value):
