@@ -24,7 +24,7 @@ from chat_helpers import (
 )
 from helpers import connect, recv_until_closed
 from twistnet import chat
-from twistnet.chat import protocol as chat_protocol
+from twistnet._writes import PauseCounter
 from twistnet.chat.protocol import ChatLimits, ChatProtocol
 from twistnet.chat.room import IMember, IRoom, Room, name_problem
 from twistnet.chat.tap import SHUTDOWN_NOTICE, ChatCloser
@@ -646,33 +646,6 @@ def test_a_client_spamming_commands_without_reading_is_still_cut_off():
     assert alice_t.disconnected
 
 
-def test_pending_output_probe_reads_tcp_buffers_and_looks_below_wrappers():
-    class TCPLike:
-        dataBuffer = b"0123456789"
-        offset = 4
-        _tempDataLen = 5
-
-    class Wrapper:
-        """Forwards unknown attributes, as twisted.protocols.policies.ProtocolWrapper does."""
-
-        def __init__(self, transport):
-            self.transport = transport
-
-        def __getattr__(self, name):
-            return getattr(self.transport, name)
-
-    class TLSLike(Wrapper):
-        _appSendBuffer = [b"abc", b"de"]
-
-    assert chat_protocol.pending_output_probe(TCPLike())() == 11
-    assert chat_protocol.pending_output_probe(Wrapper(TCPLike()))() == 11
-    assert chat_protocol.pending_output_probe(TLSLike(TCPLike()))() == 16
-    assert chat_protocol.pending_output_probe(object()) is None
-    transport = StringTransport()
-    transport.write(b"xyz")
-    assert chat_protocol.pending_output_probe(transport)() == 3
-
-
 class OpaqueTransport(StringTransport):
     """A transport whose buffer cannot be read: only producer pause/resume tell its state."""
 
@@ -687,7 +660,7 @@ def test_sendq_falls_back_to_producer_pauses_on_opaque_transports():
     talker, talker_t = join(factory)
     slow, slow_t = join(factory, OpaqueTransport())
     counter = slow_t.producer
-    assert isinstance(counter, chat_protocol.PauseCounter)
+    assert isinstance(counter, PauseCounter)
     talker.dataReceived(b"x" * 60 + b"\n")
     clock.advance(0)
     assert not slow_t.disconnecting, "unpaused: the transport copes"

@@ -11,7 +11,7 @@ from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.internet.testing import StringTransport
 
 from helpers import connect, recv_exactly
-from twistnet._writes import write_now
+from twistnet._writes import pending_output_probe, write_now
 
 #: Long enough for loopback to deliver bytes already handed to the kernel.
 DELIVERY_WINDOW = 1.0
@@ -109,3 +109,30 @@ async def test_write_now_leaves_a_socket_error_to_the_buffered_path(listen):
     write_now(server.transport, b"into the void")
     assert server.transport._tempDataLen == len(b"into the void")
     assert await lost in (ConnectionLost, ConnectionDone)
+
+
+def test_pending_output_probe_reads_tcp_buffers_and_looks_below_wrappers():
+    class TCPLike:
+        dataBuffer = b"0123456789"
+        offset = 4
+        _tempDataLen = 5
+
+    class Wrapper:
+        """Forwards unknown attributes, as twisted.protocols.policies.ProtocolWrapper does."""
+
+        def __init__(self, transport):
+            self.transport = transport
+
+        def __getattr__(self, name):
+            return getattr(self.transport, name)
+
+    class TLSLike(Wrapper):
+        _appSendBuffer = [b"abc", b"de"]
+
+    assert pending_output_probe(TCPLike())() == 11
+    assert pending_output_probe(Wrapper(TCPLike()))() == 11
+    assert pending_output_probe(TLSLike(TCPLike()))() == 16
+    assert pending_output_probe(object()) is None
+    transport = StringTransport()
+    transport.write(b"xyz")
+    assert pending_output_probe(transport)() == 3

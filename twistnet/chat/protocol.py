@@ -26,12 +26,12 @@ import re
 
 from attrs import frozen
 from twisted.internet import protocol
-from twisted.internet.interfaces import IPushProducer, IReactorTime
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from zope.interface import implementer
 
 from twistnet._connections import ConnectionRegistry, ManagedProtocol, peer_name
-from twistnet._writes import write_now
+from twistnet._writes import PauseCounter, pending_output_probe, write_now
 from twistnet.chat.room import EOL, IMember, IRoom, encode_lines
 
 #: Telnet command bytes (RFC 854).
@@ -78,82 +78,6 @@ class ChatLimits:
     rate: float = 10.0
     burst: int = 20
     sendq: int = 1024 * 1024
-
-
-@implementer(IPushProducer)
-class PauseCounter:
-    """
-    The fallback measure of unsent output, for a transport whose buffer cannot be read.
-
-    Registered as the transport's streaming producer, it is told when the transport's buffer
-    fills (C{pauseProducing}) and when it drains (C{resumeProducing}); what was written in
-    between is what waits beyond the transport's own buffer size. Calling it returns that.
-    """
-
-    def __init__(self) -> None:
-        self.paused = False
-        self.unsent = 0
-
-    def __call__(self) -> int:
-        return self.unsent
-
-    def wrote(self, count: int) -> None:
-        if self.paused:
-            self.unsent += count
-
-    def pauseProducing(self) -> None:
-        self.paused = True
-
-    def resumeProducing(self) -> None:
-        self.paused = False
-        self.unsent = 0
-
-    def stopProducing(self) -> None:
-        self.paused = False
-
-
-def pending_output_probe(transport):
-    """
-    A function returning how many bytes C{transport} holds unsent, or C{None} if that
-    cannot be known for this kind of transport.
-
-    For C{twisted.internet.tcp} connections (and UNIX sockets, which share their code) it
-    reads the write buffer directly (C{len(dataBuffer) - offset + _tempDataLen}). A wrapping
-    transport (TLS, the HAProxy wrapper) is measured below, plus for TLS the cleartext still
-    waiting in the TLS layer. Test transports (C{StringTransport}) count what C{value()}
-    holds. Any other transport that accepts a producer gets a L{PauseCounter} registered
-    on it. Each is feature-detected, so another reactor or a new Twisted degrades to the
-    fallback, or to "unknown", instead of failing.
-    """
-    # Wrappers first: a ProtocolWrapper forwards unknown attributes to what it wraps, so
-    # it would pass for the TCP connection below while hiding its own buffer.
-    inner = getattr(transport, "transport", None)
-    if inner is not None and inner is not transport:
-        below = pending_output_probe(inner)
-        if below is None or isinstance(below, PauseCounter):
-            return None
-        if not isinstance(getattr(transport, "_appSendBuffer", None), list):
-            return below
-
-        def tls_pending() -> int:
-            return below() + sum(map(len, transport._appSendBuffer))
-
-        return tls_pending
-    if all(hasattr(transport, a) for a in ("dataBuffer", "offset", "_tempDataLen")):
-
-        def tcp_pending() -> int:
-            return len(transport.dataBuffer) - transport.offset + transport._tempDataLen
-
-        return tcp_pending
-    value = getattr(transport, "value", None)
-    if callable(value):
-        return lambda: len(value())
-    register = getattr(transport, "registerProducer", None)
-    if register is not None and getattr(transport, "producer", None) is None:
-        counter = PauseCounter()
-        register(counter, True)
-        return counter
-    return None
 
 
 def _no_delay(transport) -> None:
@@ -617,4 +541,4 @@ class ChatFactory(protocol.Factory):
         self.idle_timeout = idle_timeout
 
 
-__all__ = ["EOL", "ChatFactory", "ChatLimits", "ChatProtocol", "pending_output_probe"]
+__all__ = ["EOL", "ChatFactory", "ChatLimits", "ChatProtocol"]
