@@ -332,3 +332,17 @@ def test_a_second_sigterm_during_shutdown_changes_nothing(twistd):
     server.proc.send_signal(signal.SIGTERM)
     assert server.terminate() == 0
     assert "Traceback" not in server.output
+
+
+def test_idle_timer_restart_rearms_a_fired_timer_for_a_full_timeout():
+    from twistnet._connections import IdleTimer
+
+    clock, fired = task.Clock(), []
+    timer = IdleTimer(clock, 10, lambda: fired.append(clock.seconds()))
+    clock.advance(10)
+    timer.restart()
+    clock.advance(9.5)
+    assert fired == [10]
+    clock.advance(0.5)
+    assert fired == [10, 20]
+    assert clock.getDelayedCalls() == []

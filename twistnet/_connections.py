@@ -50,6 +50,12 @@ class IdleTimer:
     def touch(self) -> None:
         self._last = self._clock.seconds()
 
+    def restart(self) -> None:
+        """Count a full timeout again from now, also after the timer has fired."""
+        self.touch()
+        if self._timeout > 0 and self._call is None:
+            self._call = self._clock.callLater(self._timeout, self._check)
+
     def _check(self) -> None:
         remaining = self._last + self._timeout - self._clock.seconds()
         if remaining > 0:

@@ -13,7 +13,7 @@ from __future__ import annotations
 from twisted.internet import protocol
 from twisted.logger import Logger
 
-from twistnet._connections import ConnectionRegistry, IdleTimer, ManagedProtocol, peer_name
+from twistnet._connections import ConnectionRegistry, ManagedProtocol, peer_name
 from twistnet.log.sink import LogSink
 
 #: The default --max-line: far above any honest log line, small enough that one client
@@ -132,8 +132,7 @@ class LineLogProtocol(ManagedProtocol):
         if self.sink.blocked:
             # Reading is paused by our own full disk, not the client's silence; closing now
             # would also discard what the client sent and we have not read yet.
-            registry: ConnectionRegistry = self.factory.registry
-            self.idle = IdleTimer(registry.clock, self.factory.idle_timeout, self._idled)
+            self.idle.restart()
             return
         super()._idled()
 
