@@ -24,7 +24,7 @@ from chat_helpers import (
 )
 from helpers import connect, recv_until_closed
 from twistnet import chat
-from twistnet._writes import PauseCounter
+from twistnet._internals import PauseCounter
 from twistnet.chat.protocol import ChatLimits, ChatProtocol
 from twistnet.chat.room import IMember, IRoom, Room, name_problem
 from twistnet.chat.tap import SHUTDOWN_NOTICE, ChatCloser

@@ -15,8 +15,8 @@ from twisted.python import usage
 from helpers import run_twistd, wait_until
 from http_support import group_gone
 from twistnet.http import Options, makeService
+from twistnet.http.channel import JobSite
 from twistnet.http.tap import beyond_loopback
-from twistnet.http.web import JobSite
 
 
 def parse(*argv, env=None, monkeypatch=None):

@@ -16,12 +16,13 @@ from twisted.web.client import HTTPConnectionPool
 from helpers import connect, recv_until, recv_until_closed, wait_until
 from http_support import group_gone, poll
 from twistnet.http import web
+from twistnet.http.channel import JobSite
 from twistnet.http.model import Param, Tool
 from twistnet.http.openapi import ROUTES
 from twistnet.http.runner import LocalRunner
 from twistnet.http.store import SQLiteJobStore
 from twistnet.http.tools import BUILTIN_TOOLS, catalogue, split_command
-from twistnet.http.web import JobApi, JobSite
+from twistnet.http.web import JobApi
 
 LINES = Tool(
     name="lines",

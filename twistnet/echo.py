@@ -19,6 +19,7 @@ from twisted.python import usage
 from zope.interface import implementer
 
 from twistnet._connections import ConnectionCloser, ConnectionRegistry, ManagedProtocol
+from twistnet._internals import write_now
 from twistnet._tap import (
     ServiceOptions,
     ServiceRoot,
@@ -26,7 +27,6 @@ from twistnet._tap import (
     listening_services,
     port_number,
 )
-from twistnet._writes import write_now
 
 #: Not 7: binding below 1024 needs root, and a diagnostic should start as any user.
 DEFAULT_PORT = 7007

@@ -31,7 +31,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from twistnet._connections import ConnectionRegistry, ManagedProtocol, peer_name
-from twistnet._writes import PauseCounter, pending_output_probe, write_now
+from twistnet._internals import PauseCounter, pending_output_probe, write_now
 from twistnet.chat.room import EOL, IMember, IRoom, encode_lines
 
 #: Telnet command bytes (RFC 854).

@@ -11,7 +11,7 @@ from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.internet.testing import StringTransport
 
 from helpers import connect, recv_exactly
-from twistnet._writes import pending_output_probe, write_now
+from twistnet._internals import pending_output_probe, write_now
 
 #: Long enough for loopback to deliver bytes already handed to the kernel.
 DELIVERY_WINDOW = 1.0

@@ -1,6 +1,9 @@
 """
-What twistnet reads of Twisted's transports beyond their interfaces, feature-detected in one
-place: write-through (L{write_now}) and the size of the unsent output (L{pending_output_probe}).
+Every private name of Twisted that twistnet uses, in this one audited module; each has a test
+in C{tests/test_internals.py} that fails if a Twisted upgrade removes or renames it.
+
+The transports: write-through (L{write_now}) and the size of the unsent output
+(L{pending_output_probe}).
 
 Write-through: send at once when nothing is queued.
 
