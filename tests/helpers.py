@@ -128,6 +128,16 @@ class TwistdProcess:
         self._reader.join(5)
 
 
+def turned_away(output: str) -> int:
+    """
+    How many connections a service's log says it refused or evicted: the first of a burst is
+    logged alone, the rest are counted in a summary line a second.
+    """
+    alone = len(re.findall(r"(?:refused|evicted \(waited longest\)) at --max-\S+ \d+: ", output))
+    summarized = sum(int(n) for n in re.findall(r"(\d+) more connections turned away", output))
+    return alone + summarized
+
+
 def run_twistd(plugin: str, *args: str, timeout: float = WAIT_SECONDS, cwd=None):
     """Run twistd to completion (for options that must make it exit)."""
     return subprocess.run(

@@ -906,4 +906,4 @@ def test_room_full_end_to_end(twistd):
     server = start_chat(twistd, "--max-clients", "1")
     with ChatClient(server.tcp_port), connect(server.tcp_port) as second:
         assert recv_until_closed(second) == b"*** The chat room is full, try again later.\r\n"
-    server.wait_for_line(r"refused 127\.0\.0\.1:\d+: at --max-connections 1")
+    server.wait_for_line(r"refused at --max-clients 1: 127\.0\.0\.1:\d+")

@@ -15,6 +15,7 @@ from twisted.python import usage
 
 from helpers import connect, figure, recv_exactly, recv_until_closed, run_twistd, wait_until
 from twistnet import echo
+from twistnet._connections import Refused
 
 
 def make_echo(max_connections=0, idle_timeout=0.0, clock=None):
@@ -48,22 +49,49 @@ def test_transport_is_its_own_streaming_producer_for_backpressure():
     assert transport.streaming is True
 
 
-def test_connection_over_the_cap_is_told_and_closed():
-    factory, _ = make_echo(max_connections=2)
+def test_connection_over_the_cap_is_closed_without_a_word_when_everyone_has_spoken():
+    factory, clock = make_echo(max_connections=2)
     first, _ = connected(factory)
-    _second, _ = connected(factory)
+    second, _ = connected(factory)
+    first.dataReceived(b"a")
+    second.dataReceived(b"b")
     third, transport = connected(factory)
-    assert transport.value() == echo.Echo.full_message
+    assert isinstance(third, Refused)
+    assert transport.value() == b""  # an echo stream carries only the client's own bytes
     assert transport.disconnecting
     third.dataReceived(b"ignored?")
+    assert transport.value() == b""
     assert len(factory.registry) == 2
     first.connectionLost(None)
-    _fourth, transport = connected(factory)
+    fourth, transport = connected(factory)
+    assert isinstance(fourth, echo.Echo)
     assert not transport.disconnecting
     assert len(factory.registry) == 2
+    third.connectionLost(None)
+    factory.stopFactory()
+    assert clock.getDelayedCalls() == []
 
 
-def test_idle_connection_is_closed_after_timeout_but_input_keeps_it_open():
+def test_connection_silent_past_the_grace_makes_room_for_a_newcomer_oldest_first():
+    factory, clock = make_echo(max_connections=2)
+    silent_old, old_transport = connected(factory)
+    clock.advance(0.5)
+    _silent_new, new_transport = connected(factory)
+    clock.advance(0.6)
+    newcomer, _ = connected(factory)
+    assert isinstance(newcomer, echo.Echo)
+    assert old_transport.disconnecting and old_transport.value() == b""
+    assert not new_transport.disconnecting
+    assert len(factory.registry) == 2
+    # The evicted one is still closed at shutdown until it is gone.
+    assert silent_old in list(factory.registry)
+    silent_old.connectionLost(None)
+    assert silent_old not in list(factory.registry)
+    # The other one is within its grace: a burst of newcomers is refused, not churned.
+    assert isinstance(connected(factory)[0], Refused)
+
+
+def test_idle_connection_is_closed_without_a_word_after_timeout_but_input_keeps_it_open():
     factory, clock = make_echo(idle_timeout=10)
     proto, transport = connected(factory)
     clock.advance(6)
@@ -72,7 +100,7 @@ def test_idle_connection_is_closed_after_timeout_but_input_keeps_it_open():
     assert not transport.disconnecting
     clock.advance(4.5)
     assert transport.disconnecting
-    assert transport.value().endswith(echo.Echo.idle_message)
+    assert transport.value() == b"x"
     proto.connectionLost(None)
     assert clock.getDelayedCalls() == []
 
@@ -276,7 +304,7 @@ def test_non_reading_client_is_paused_while_others_are_served(echo_server):
     assert echo_server.terminate() == 0
 
 
-def test_max_connections_refuses_politely_end_to_end(twistd):
+def test_max_connections_refuses_without_a_word_end_to_end(twistd):
     server = twistd(
         "twistnet-echo", "--listen", "tcp:0:interface=127.0.0.1", "--max-connections", "1"
     )
@@ -285,8 +313,8 @@ def test_max_connections_refuses_politely_end_to_end(twistd):
         first.sendall(b"a")
         assert recv_exactly(first, 1) == b"a"
         with connect(port) as second:
-            assert recv_until_closed(second) == echo.Echo.full_message
-    server.wait_for_line("refused 127.0.0.1:\\d+: at --max-connections 1")
+            assert recv_until_closed(second) == b""
+    server.wait_for_line("refused at --max-connections 1: 127.0.0.1:\\d+")
 
 
 def test_sigterm_closes_connections_and_exits_zero(twistd):

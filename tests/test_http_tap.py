@@ -36,7 +36,8 @@ def no_token_in_environment(monkeypatch):
 def test_defaults():
     options = parse()
     assert options.endpoint_descriptions() == ["tcp:8901:backlog=511:interface=127.0.0.1"]
-    assert options["max-connections"] == 20
+    assert options["max-connections"] == 1000
+    assert options["max-requests"] == 20
     assert options["idle-timeout"] == 60.0
     assert options["request-timeout"] == 10.0
     assert options["workers"] == (os.cpu_count() or 1)
@@ -106,7 +107,8 @@ def test_make_service_listens_with_the_capped_site(tmp_path):
     ((port, factory, _, interface),) = reactor.tcpServers
     assert (port, interface) == (7100, "127.0.0.1")
     assert isinstance(factory, JobSite)
-    assert factory.registry.max_connections == 20
+    assert factory.registry.max_connections == 1000
+    assert factory.max_requests == 20
     assert factory.max_body == 1024 * 1024
     jobs = [type(s).__name__ for s in service.services[0]]
     assert jobs == ["SQLiteJobStore", "LocalRunner", "TimerService"]

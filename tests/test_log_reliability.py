@@ -512,7 +512,7 @@ def test_connection_flood_holds_the_cap_and_an_honest_client_is_served(many_fds,
         Tail(server.path).wait_for(b"after the flood\n")
     growth = (rss_peak - rss_before) / 1024
     assert growth < 64, f"server grew {growth:.1f} MiB under the flood"
-    server.wait_for_line("refused 127.0.0.1:\\d+: at --max-connections 1000")
+    server.wait_for_line("refused at --max-connections 1000: 127.0.0.1:\\d+")
     report(
         "connection flood",
         connections=FLOOD,

@@ -1,11 +1,13 @@
 """
-What every twistnet TCP service shares: admission under a connection cap, an idle timeout
-that counts only what the client sends, and a registry that closes every connection on
-shutdown.
+What every twistnet TCP service shares: admission decided by the factory under a connection
+cap (evicting the longest-waiting connection before refusing anyone), an idle timeout that
+counts only what the client sends, refusals summarized in the log, and a registry that closes
+every connection on shutdown.
 """
 
 from __future__ import annotations
 
+import collections
 from collections.abc import Callable
 
 from twisted.application.service import Service
@@ -16,6 +18,18 @@ from twisted.logger import Logger
 #: How long a closing connection may take to flush before it is aborted: a client that
 #: never reads must not keep a connection (and its buffer) alive forever.
 CLOSE_GRACE_SECONDS = 5.0
+
+#: How long a connection may wait without speaking before it can be evicted for a newcomer:
+#: a burst of fresh connections is refused at the cap rather than churned through, while
+#: sockets that sit silent (or trickle a request) for longer make room.
+EVICTION_GRACE_SECONDS = 1.0
+
+
+def reactor_or_global(reactor=None):
+    """C{reactor} if one is injected (a test's clock or fake reactor), else the global one."""
+    if reactor is None:
+        from twisted.internet import reactor
+    return reactor
 
 
 def peer_name(transport: object) -> str:
@@ -72,39 +86,73 @@ class IdleTimer:
 
 class ConnectionRegistry:
     """
-    The open connections of one service, so a cap can be enforced and shutdown can close them.
+    The open connections of one service: the cap, the order in which unproductive ones
+    make room, and the set that shutdown closes.
 
-    @ivar max_connections: the most connections admitted at once; C{0} means no cap.
+    A connection is I{waiting} while it has not done anything worth its slot yet (for
+    HTTP: between requests or while a request is still arriving; for chat and log: before
+    its first complete line; for echo: before its first byte). When the cap is reached, the
+    connection that has been waiting longest, if longer than L{EVICTION_GRACE_SECONDS}, is
+    closed to make room for a newcomer, so connections that never speak, or trickle a
+    request they never finish, cannot lock anyone out; connections doing real work are
+    never evicted for a newcomer.
+
+    @ivar max_connections: the most connections open at once; C{0} means no cap.
     """
 
-    log = Logger()
-
     def __init__(self, max_connections: int = 0, clock: IReactorTime | None = None) -> None:
-        if clock is None:
-            from twisted.internet import reactor as clock
         self.max_connections = max_connections
-        self.clock: IReactorTime = clock  # type: ignore[assignment]
-        self._open: set[protocol.Protocol] = set()
+        self.clock: IReactorTime = reactor_or_global(clock)
+        self._open: dict[protocol.Protocol, None] = {}
+        #: The waiting connections and since when, oldest first (dicts keep insertion order).
+        self._waiting: dict[protocol.Protocol, float] = {}
+        #: Evicted but not gone yet: no longer counted, still closed at shutdown.
+        self._leaving: set[protocol.Protocol] = set()
         self._gone: list[defer.Deferred[None]] = []
-        self.refused = 0
 
     def __len__(self) -> int:
         return len(self._open)
 
     def __iter__(self):
-        return iter(list(self._open))
+        return iter([*self._open, *self._leaving])
 
-    def admit(self, proto: protocol.Protocol) -> bool:
-        """Record C{proto} as open, unless the cap is reached."""
-        if self.max_connections and len(self._open) >= self.max_connections:
-            self.refused += 1
-            return False
-        self._open.add(proto)
-        return True
+    @property
+    def full(self) -> bool:
+        return bool(self.max_connections) and len(self._open) >= self.max_connections
+
+    def make_room(self) -> protocol.Protocol | None:
+        """
+        Stop counting the longest-waiting connection and return it for the caller to close;
+        C{None} if none has waited past the grace (then the newcomer must be refused).
+        """
+        oldest = next(iter(self._waiting), None)
+        if oldest is None or self._waiting[oldest] > self.clock.seconds() - EVICTION_GRACE_SECONDS:
+            return None
+        del self._waiting[oldest]
+        del self._open[oldest]
+        self._leaving.add(oldest)
+        return oldest
+
+    def admit(self, proto: protocol.Protocol) -> None:
+        """Count C{proto} as open, and as waiting until L{working} says otherwise."""
+        self._open[proto] = None
+        self._waiting[proto] = self.clock.seconds()
+
+    def working(self, proto: protocol.Protocol) -> None:
+        """C{proto} is doing real work: it is no longer the first to make room."""
+        self._waiting.pop(proto, None)
+
+    def waiting(self, proto: protocol.Protocol) -> None:
+        """C{proto} is idle again (an HTTP connection between requests): newest in line."""
+        if proto in self._open:
+            self._waiting.pop(proto, None)
+            self._waiting[proto] = self.clock.seconds()
 
     def release(self, proto: protocol.Protocol) -> None:
-        self._open.discard(proto)
-        if not self._open:
+        self._open.pop(proto, None)
+        self._waiting.pop(proto, None)
+        self._leaving.discard(proto)
+        if not self._open and not self._leaving:
             waiting, self._gone = self._gone, []
             for d in waiting:
                 d.callback(None)
@@ -115,38 +163,35 @@ class ConnectionRegistry:
 
         Connections still open after C{grace} seconds (a peer that does not read) are aborted.
         """
-        if not self._open:
+        if not self._open and not self._leaving:
             return defer.succeed(None)
         gone: defer.Deferred[None] = defer.Deferred()
         self._gone.append(gone)
-        for proto in list(self._open):
+        for proto in list(self):
             if proto.transport is None:
                 continue
             if notice:
                 proto.transport.write(notice)
-            _close(proto, self.clock, grace)
+            proto.hang_up()
         return gone
 
 
-def _close(proto: protocol.Protocol, clock: IReactorTime, grace: float) -> None:
-    """Close C{proto}'s connection after flushing; abort it if that takes longer than C{grace}."""
-    transport = proto.transport
+def hang_up(
+    transport, clock: IReactorTime, grace: float = CLOSE_GRACE_SECONDS
+) -> IDelayedCall | None:
+    """
+    Close C{transport} once its output is flushed, and abort it if that takes longer than
+    C{grace} seconds: a peer that never reads must not keep a connection (and its buffer)
+    alive. Returns the abort call, for the protocol to cancel in C{connectionLost}.
+    """
     if getattr(transport, "producer", None) is transport:
         # A transport registered as its own producer (echo backpressure) would otherwise wait
         # for itself to finish before closing.
         transport.unregisterProducer()
     transport.loseConnection()
     if getattr(transport, "abortConnection", None) is None:
-        return
-    previous = getattr(proto, "_twistnet_abort_call", None)
-    if previous is not None and previous.active():
-        return
-    # Cancelled by ManagedProtocol.connectionLost, so no delayed call outlives the connection.
-    proto._twistnet_abort_call = clock.callLater(grace, _abort_if_open, transport)  # type: ignore[attr-defined]
-
-
-def _ignore(data: bytes) -> None:
-    pass
+        return None
+    return clock.callLater(grace, _abort_if_open, transport)
 
 
 def _abort_if_open(transport) -> None:
@@ -154,70 +199,195 @@ def _abort_if_open(transport) -> None:
         transport.abortConnection()
 
 
-class ManagedProtocol(protocol.Protocol):
+class RefusalLog:
     """
-    Base of twistnet's TCP protocols: admission, idle timeout and tracking for shutdown.
-
-    Subclasses implement L{connectionAdmitted} instead of C{connectionMade}, call
-    C{self.idle.touch()} from C{dataReceived}, and call L{close} to hang up.
-    The factory must provide C{registry} (a L{ConnectionRegistry}) and C{idle_timeout}.
+    Logs refused and evicted connections without letting a flood flood the log: the first
+    after a quiet second is logged at once with its peer, the rest are counted by reason and
+    summarized in one line a second later.
     """
 
-    #: Sent to a client refused because the service is at --max-connections.
-    full_message = b"Server is full, try again later.\r\n"
-    #: Sent to a client closed by --idle-timeout.
-    idle_message = b"Idle timeout, closing.\r\n"
+    def __init__(self, logger: Logger, clock: IReactorTime, interval: float = 1.0) -> None:
+        self._log = logger
+        self._clock = clock
+        self._interval = interval
+        self._counts: collections.Counter[str] = collections.Counter()
+        self._summary: IDelayedCall | None = None
+        #: Every refusal and eviction since start, by reason (for metrics and tests).
+        self.totals: collections.Counter[str] = collections.Counter()
 
-    idle: IdleTimer | None = None
-    admitted = False
-    _twistnet_abort_call: IDelayedCall | None = None
+    def record(self, reason: str, peer: str) -> None:
+        self.totals[reason] += 1
+        if self._summary is None:
+            self._log.info("{reason}: {peer}", reason=reason, peer=peer)
+            self._summary = self._clock.callLater(self._interval, self._summarize)
+        else:
+            self._counts[reason] += 1
+
+    def _summarize(self) -> None:
+        self._summary = None
+        if not self._counts:
+            return
+        total = sum(self._counts.values())
+        reasons = ", ".join(f"{count} {reason}" for reason, count in self._counts.most_common())
+        self._counts.clear()
+        self._log.info(
+            "{total} more connections turned away in {seconds:g} s: {reasons}",
+            total=total,
+            seconds=self._interval,
+            reasons=reasons,
+        )
+        # Keep summarizing while it lasts: the next one is counted, not logged alone.
+        self._summary = self._clock.callLater(self._interval, self._summarize)
+
+    def stop(self) -> None:
+        if self._summary is not None and self._summary.active():
+            self._summary.cancel()
+        self._summary = None
+        self._summarize()
+        if self._summary is not None and self._summary.active():
+            self._summary.cancel()
+        self._summary = None
+
+
+class Refused(protocol.Protocol):
+    """A connection turned away at the cap: its own small protocol, which says C{message}
+    (if the service speaks at all), ignores what the client sends and hangs up."""
+
+    def __init__(self, message: bytes, clock: IReactorTime) -> None:
+        self._message = message
+        self._clock = clock
+        self._abort: IDelayedCall | None = None
 
     def connectionMade(self) -> None:
-        registry: ConnectionRegistry = self.factory.registry
-        if not registry.admit(self):
-            self.factory.log.info(
-                "refused {peer}: at --max-connections {cap}",
-                peer=peer_name(self.transport),
-                cap=registry.max_connections,
-            )
-            # Whatever a refused client already sent is not for this service to act on.
-            self.dataReceived = _ignore  # type: ignore[method-assign]
-            self.transport.write(self.full_message)
-            _close(self, registry.clock, CLOSE_GRACE_SECONDS)
-            return
-        self.admitted = True
-        self.idle = IdleTimer(registry.clock, self.factory.idle_timeout, self._idled)
+        if self._message:
+            self.transport.write(self._message)
+        self._abort = hang_up(self.transport, self._clock)
+
+    def dataReceived(self, data: bytes) -> None:
+        """Whatever a refused client already sent is not for this service to act on."""
+
+    def connectionLost(self, reason=protocol.connectionDone) -> None:
+        if self._abort is not None and self._abort.active():
+            self._abort.cancel()
+
+
+class ManagedFactory(protocol.Factory):
+    """
+    The base of twistnet's factories: it decides admission (as Twisted's
+    C{policies.LimitTotalConnectionsFactory} does, in L{buildProtocol}), holds the registry
+    that shutdown closes, the idle timeout its protocols apply, and the refusal log.
+
+    At the cap, the longest-waiting connection is evicted for the newcomer; only when every
+    connection is doing real work is the newcomer refused, through L{Refused}.
+    """
+
+    noisy = False
+    logger = Logger()
+    #: The option that sets the cap, as the operator typed it, for log lines.
+    cap_option = "--max-connections"
+    #: Sent to a client refused at the cap (empty: hang up without a word).
+    full_message = b"Server is full, try again later.\r\n"
+
+    def __init__(
+        self, max_connections: int = 0, idle_timeout: float = 0.0, clock: IReactorTime | None = None
+    ) -> None:
+        self.clock: IReactorTime = reactor_or_global(clock)
+        self.registry = ConnectionRegistry(max_connections, self.clock)
+        self.idle_timeout = idle_timeout
+        self.refusals = RefusalLog(self.logger, self.clock)
+
+    def buildProtocol(self, addr):
+        registry = self.registry
+        if registry.full:
+            cap = f"{self.cap_option} {registry.max_connections}"
+            evicted = registry.make_room()
+            if evicted is None:
+                self.refusals.record(f"refused at {cap}", _address(addr))
+                return Refused(self.full_message, self.clock)
+            self.refusals.record(f"evicted (waited longest) at {cap}", peer_name(evicted.transport))
+            evicted.evict()
+        return super().buildProtocol(addr)
+
+    def stopFactory(self) -> None:
+        self.refusals.stop()
+        super().stopFactory()
+
+
+def _address(addr) -> str:
+    host, port = getattr(addr, "host", None), getattr(addr, "port", None)
+    return f"{host}:{port}" if host is not None else str(getattr(addr, "name", None) or "unix")
+
+
+class ManagedProtocol(protocol.Protocol):
+    """
+    Base of twistnet's TCP protocols, built by a L{ManagedFactory}: registration for
+    admission and shutdown, and the idle timeout.
+
+    Subclasses implement L{connectionAdmitted} instead of C{connectionMade}, call L{spoke}
+    from C{dataReceived} when the client completed something, and call L{close} to hang up.
+    """
+
+    #: Sent to a client closed by --idle-timeout, or evicted to make room.
+    idle_message = b"Idle timeout, closing.\r\n"
+    evicted_message = b""
+
+    idle: IdleTimer | None = None
+    #: Whether the client has spoken: it is then no longer evicted to make room.
+    working = False
+    _abort: IDelayedCall | None = None
+
+    def connectionMade(self) -> None:
+        factory: ManagedFactory = self.factory
+        factory.registry.admit(self)
+        self.idle = IdleTimer(factory.clock, factory.idle_timeout, self._idled)
         self.connectionAdmitted()
 
     def connectionAdmitted(self) -> None:
         """Called once the connection was admitted under the cap."""
 
+    def spoke(self) -> None:
+        """
+        The client completed something (a line; for echo, any byte): it is not idle, and no
+        longer the first evicted when the service is full.
+        """
+        self.idle.touch()
+        if not self.working:
+            self.working = True
+            self.factory.registry.working(self)
+
+    def evict(self) -> None:
+        """Closed to make room for a newcomer at the cap."""
+        self.close(self.evicted_message)
+
     def _idled(self) -> None:
-        self.factory.log.info("closing idle connection {peer}", peer=peer_name(self.transport))
+        self.factory.logger.info("closing idle connection {peer}", peer=peer_name(self.transport))
         self.close(self.idle_message)
 
     def close(self, message: bytes = b"") -> None:
         """Say C{message}, flush and close; abort if the peer does not read it in time."""
         if message:
             self.transport.write(message)
-        _close(self, self.factory.registry.clock, CLOSE_GRACE_SECONDS)
+        self.hang_up()
+
+    def hang_up(self) -> None:
+        if self._abort is None or not self._abort.active():
+            self._abort = hang_up(self.transport, self.factory.clock)
 
     def connectionLost(self, reason=protocol.connectionDone) -> None:
-        if self._twistnet_abort_call is not None and self._twistnet_abort_call.active():
-            self._twistnet_abort_call.cancel()
+        if self._abort is not None and self._abort.active():
+            self._abort.cancel()
         if self.idle is not None:
             self.idle.stop()
         try:
             self.connectionClosed(reason)
         finally:
             # Last: releasing the last connection lets a shutdown go on (close files etc.).
-            if self.admitted:
-                self.factory.registry.release(self)
+            self.factory.registry.release(self)
 
     def connectionClosed(self, reason) -> None:
         """
-        Called when an admitted or refused connection is gone, before it is released, so
-        what it still has to hand over (a final line) reaches shared state before shutdown.
+        Called when the connection is gone, before it is released, so what it still has
+        to hand over (a final line) reaches shared state before shutdown.
         """
 
 

@@ -3,7 +3,9 @@ Every private name of Twisted that twistnet uses, in this one audited module; ea
 in C{tests/test_internals.py} that fails if a Twisted upgrade removes or renames it.
 
 The transports: write-through (L{write_now}) and the size of the unsent output
-(L{pending_output_probe}).
+(L{pending_output_probe}). twisted.web's channel: whether a request is being handled
+(L{handling_request}) and its answer to a malformed request (L{JsonBadRequestChannel}).
+Endpoint descriptions: their parsed kind and arguments (L{parse_description}).
 
 Write-through: send at once when nothing is queued.
 
@@ -20,8 +22,9 @@ gets a plain C{write}.
 
 from __future__ import annotations
 
-from twisted.internet import tcp
+from twisted.internet import endpoints, tcp
 from twisted.internet.interfaces import IPushProducer, ITransport
+from twisted.web import http
 from zope.interface import implementer
 
 _PRIVATE_STATE = ("dataBuffer", "_tempDataLen", "_writeDisconnected", "writeSomeData")
@@ -134,3 +137,31 @@ def pending_output_probe(transport):
         register(counter, True)
         return counter
     return None
+
+
+def handling_request(channel: http.HTTPChannel) -> bool:
+    """Whether C{channel} is handling a request (then more bytes are buffered, not parsed)."""
+    return channel._handlingRequest
+
+
+class JsonBadRequestChannel(http.HTTPChannel):
+    """
+    An HTTP channel whose answer to a malformed request is L{bad_request}: twisted.web
+    answers a bare C{400 Bad Request} from a private method, with no hook of its own.
+    """
+
+    def _respondToBadRequestAndDisconnect(self) -> None:
+        self.bad_request()
+
+    def bad_request(self) -> None:
+        """Answer a malformed request (or one over twisted.web's limits) and hang up."""
+        super()._respondToBadRequestAndDisconnect()
+
+
+def parse_description(description: str) -> tuple[tuple[str, ...], dict[str, str]]:
+    """
+    A server endpoint description's positional and keyword arguments, without listening:
+    no public API tells the interface a description will bind, and twistnet-http must refuse
+    to listen publicly without a token before anything binds.
+    """
+    return endpoints._parse(description)

@@ -13,12 +13,12 @@ from __future__ import annotations
 from twisted.application import internet
 from twisted.application.service import MultiService
 from twisted.internet import protocol
-from twisted.internet.interfaces import IHalfCloseableProtocol, IReactorTime
+from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.logger import Logger
 from twisted.python import usage
 from zope.interface import implementer
 
-from twistnet._connections import ConnectionCloser, ConnectionRegistry, ManagedProtocol
+from twistnet._connections import ConnectionCloser, ManagedFactory, ManagedProtocol
 from twistnet._internals import write_now
 from twistnet._tap import (
     ServiceOptions,
@@ -50,8 +50,13 @@ class Echo(ManagedProtocol):
     def connectionAdmitted(self) -> None:
         self.transport.registerProducer(self.transport, True)
 
+    # An echo stream carries only the client's bytes: no notice of ours may enter it, so a
+    # refused, idle or evicted connection is closed without a word (and logged).
+    idle_message = b""
+    evicted_message = b""
+
     def dataReceived(self, data: bytes) -> None:
-        self.idle.touch()
+        self.spoke()
         write_now(self.transport, data)
 
     def readConnectionLost(self) -> None:
@@ -62,18 +67,9 @@ class Echo(ManagedProtocol):
         self.transport.loseConnection()
 
 
-class EchoFactory(protocol.Factory):
+class EchoFactory(ManagedFactory):
     protocol = Echo
-    log = Logger()
-
-    # The listening announcement says it better than "Starting factory".
-    noisy = False
-
-    def __init__(
-        self, max_connections: int = 0, idle_timeout: float = 0.0, clock: IReactorTime | None = None
-    ) -> None:
-        self.registry = ConnectionRegistry(max_connections, clock)
-        self.idle_timeout = idle_timeout
+    full_message = b""
 
 
 class EchoDatagram(protocol.DatagramProtocol):

@@ -25,12 +25,11 @@ from __future__ import annotations
 import re
 
 from attrs import frozen
-from twisted.internet import protocol
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from twistnet._connections import ConnectionRegistry, ManagedProtocol, peer_name
+from twistnet._connections import ManagedFactory, ManagedProtocol, peer_name
 from twistnet._internals import PauseCounter, pending_output_probe, write_now
 from twistnet.chat.room import EOL, IMember, IRoom, encode_lines
 
@@ -100,8 +99,11 @@ def _no_delay(transport) -> None:
 class ChatProtocol(ManagedProtocol):
     """One person in the chat, as seen from their connection."""
 
-    full_message = b"*** The chat room is full, try again later.\r\n"
     idle_message = b"*** You sent nothing for too long (idle timeout). Goodbye.\r\n"
+    evicted_message = (
+        b"*** The room is full: making room by closing the connection that has waited "
+        b"longest without saying anything. Goodbye.\r\n"
+    )
 
     name = ""
     room: IRoom
@@ -115,7 +117,7 @@ class ChatProtocol(ManagedProtocol):
         factory = self.factory
         limits: ChatLimits = factory.limits
         self.room = factory.room
-        self._clock: IReactorTime = factory.registry.clock
+        self._clock: IReactorTime = factory.clock
         self._max_line = limits.max_line
         self._rate = limits.rate
         self._burst = limits.burst
@@ -157,8 +159,6 @@ class ChatProtocol(ManagedProtocol):
         return encode_lines(lines)
 
     def connectionClosed(self, reason) -> None:
-        if not self.admitted:
-            return
         self._closing = True
         stopping = getattr(self.factory, "stopping", False)
         self.room.leave(self, self._leave_reason, announce=not stopping)
@@ -186,6 +186,10 @@ class ChatProtocol(ManagedProtocol):
     def _idled(self) -> None:
         self._leave_reason = self._leave_reason or "idle timeout"
         super()._idled()
+
+    def evict(self) -> None:
+        self._leave_reason = "evicted to make room, had said nothing"
+        super().evict()
 
     # --- output ---------------------------------------------------------------------------
 
@@ -304,8 +308,9 @@ class ChatProtocol(ManagedProtocol):
             self._refuse_overlong()
         if parts:
             # Only complete lines count as activity: a client trickling bytes of a line it
-            # never finishes idles out (the slowloris defence).
-            self.idle.touch()
+            # never finishes idles out (the slowloris defence), and is the first evicted
+            # when the room is full.
+            self.spoke()
             self._lines(parts)
 
     def _lines(self, lines: list[bytes]) -> None:
@@ -516,12 +521,12 @@ class Flusher:
                 self.log.failure("sending to {name} failed", name=member.name)
 
 
-class ChatFactory(protocol.Factory):
+class ChatFactory(ManagedFactory):
     """Builds L{ChatProtocol}s sharing one room, one set of limits and one registry."""
 
     protocol = ChatProtocol
     log = Logger()
-    noisy = False
+    full_message = b"*** The chat room is full, try again later.\r\n"
 
     #: Set while the service stops: leaving members are then not announced one by one.
     stopping = False
@@ -534,11 +539,10 @@ class ChatFactory(protocol.Factory):
         idle_timeout: float = 0.0,
         clock: IReactorTime | None = None,
     ) -> None:
+        super().__init__(max_connections, idle_timeout, clock)
         self.room = room
         self.limits = limits if limits is not None else ChatLimits()
-        self.registry = ConnectionRegistry(max_connections, clock)
-        self.flusher = Flusher(self.registry.clock)
-        self.idle_timeout = idle_timeout
+        self.flusher = Flusher(self.clock)
 
 
 __all__ = ["EOL", "ChatFactory", "ChatLimits", "ChatProtocol"]

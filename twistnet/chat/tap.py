@@ -87,8 +87,10 @@ class Options(ServiceOptions):
     ]
 
     def postOptions(self) -> None:
+        self["cap-option"] = "--max-connections"
         if self["max-clients"] is not None:
             self["max-connections"] = self["max-clients"]
+            self["cap-option"] = "--max-clients"
 
 
 class ChatCloser(ConnectionCloser):
@@ -123,6 +125,7 @@ def makeService(options: usage.Options, reactor=None) -> MultiService:
         idle_timeout=options["idle-timeout"],
         clock=reactor,
     )
+    factory.cap_option = options["cap-option"]
     top = ServiceRoot("twistnet-chat", reactor)
     ChatCloser(factory).setServiceParent(top)
     listening_services("twistnet-chat", options.endpoint_descriptions(), factory, reactor, top)

@@ -1,6 +1,15 @@
 """
-The channel and site policy of twistnet-http: what a client may hold (connections, request
-time, body size) before any handler runs, each refusal a JSON error of L{errors}' shape.
+The channel and site policy of twistnet-http: what a client may hold (connections, requests
+in progress, request time, body size) before any handler runs, each refusal a JSON error of
+L{errors}' shape.
+
+Admission counts two things, as nginx does. C{--max-requests} counts what costs: a
+connection from the moment its request header has been read until its response is finished
+(nginx's C{limit_conn}); one more request gets a 503. C{--max-connections} counts every open
+connection, including idle keep-alive ones and requests still arriving, and is far larger:
+when it is full, the connection that has waited longest without a request being served is
+closed to make room (see L{twistnet._connections.ConnectionRegistry}). So a few hundred
+sockets trickling request headers (slowloris) hold no request slot and lock nobody out.
 """
 
 from __future__ import annotations
@@ -10,9 +19,10 @@ import io
 from twisted.internet import task
 from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
-from twisted.web import http, resource, server
+from twisted.web import resource, server
 
-from twistnet._connections import CLOSE_GRACE_SECONDS, ConnectionRegistry, peer_name
+from twistnet._connections import ManagedFactory, hang_up, peer_name
+from twistnet._internals import JsonBadRequestChannel, handling_request
 from twistnet.http._logging import LEVELS, enabled
 from twistnet.http._logging import observer as log_observer
 from twistnet.http.errors import raw_response
@@ -24,6 +34,18 @@ DEFAULT_MAX_BODY = 1024 * 1024
 #: A request's line, headers and body must all arrive within this many seconds of its
 #: first byte, however slowly they trickle in (slowloris).
 DEFAULT_REQUEST_TIMEOUT = 10.0
+#: Requests in progress at once: each may hold a body of up to --max-body, and this is a
+#: service for a team, not the internet.
+DEFAULT_MAX_REQUESTS = 20
+#: What the Server header says: the exact Twisted version helps only an attacker.
+SERVER_NAME = b"twistnet"
+
+_SERVER_FULL = raw_response(
+    503, "server full", "Too many connections; try again later.", b"Retry-After: 1\r\n"
+)
+_TOO_BUSY = raw_response(
+    503, "server busy", "Too many requests in progress; try again later.", b"Retry-After: 1\r\n"
+)
 
 
 class JobRequest(server.Request):
@@ -40,69 +62,78 @@ class JobRequest(server.Request):
             return
         self.content.write(data)
 
+    def render(self, resrc) -> None:
+        self.setHeader(b"server", SERVER_NAME)
+        super().render(resrc)
 
-class JobChannel(http.HTTPChannel):
+
+class JobChannel(JsonBadRequestChannel):
     """
-    An HTTP/1.1 connection admitted under --max-connections, whose requests must arrive
-    whole within the site's request timeout, with bodies no larger than --max-body.
+    An HTTP/1.1 connection under the site's admission, whose requests must arrive whole
+    within the site's request timeout, with bodies no larger than --max-body.
     """
 
-    admitted = False
-    refused = False
+    #: Set once a final answer is sent: nothing more the client sends is read.
+    closing = False
+    #: Whether a request of this connection counts toward --max-requests.
+    serving = False
     #: When the first byte of the request being received arrived (None: none under way).
     request_started: float | None = None
-    _twistnet_abort_call: IDelayedCall | None = None
+    _abort: IDelayedCall | None = None
 
     def connectionMade(self) -> None:
-        site: JobSite = self.site
-        if not site.registry.admit(self):
-            log.info(
-                "refused {peer}: at --max-connections {cap}",
-                peer=peer_name(self.transport),
-                cap=site.registry.max_connections,
-            )
-            self._hang_up(
-                raw_response(
-                    503,
-                    "server full",
-                    "Too many connections; try again later.",
-                    b"Retry-After: 1\r\n",
-                )
-            )
-            return
-        self.admitted = True
+        self.site.registry.admit(self)
         super().connectionMade()
 
     def dataReceived(self, data: bytes) -> None:
-        if self.refused:
+        if self.closing:
             return
-        if self.request_started is None and not self._handlingRequest:
+        if self.request_started is None and not handling_request(self):
             # A timestamp, not a timer per request: the site's sweep enforces the deadline.
             self.request_started = self.site.reactor.seconds()
         super().dataReceived(data)
 
     def allHeadersReceived(self) -> None:
-        if self.length is not None and self.length > self.site.max_body:
+        site: JobSite = self.site
+        if self.length is not None and self.length > site.max_body:
             self.refuse_body()
             return
+        if site.serving >= site.max_requests:
+            site.refusals.record(f"refused at --max-requests {site.max_requests}", self._peer())
+            self.answer_and_close(_TOO_BUSY)
+            return
+        self.serving = True
+        site.serving += 1
+        site.registry.working(self)
         super().allHeadersReceived()
 
     def allContentReceived(self) -> None:
-        if self.refused:
+        if self.closing:
             return
         self.request_started = None
         super().allContentReceived()
 
+    def requestDone(self, request) -> None:
+        # Released first: finishing may start the next pipelined request at once.
+        self._stop_serving()
+        self.site.registry.waiting(self)
+        super().requestDone(request)
+
+    def _stop_serving(self) -> None:
+        if self.serving:
+            self.serving = False
+            self.site.serving -= 1
+
     def refuse_body(self) -> None:
         limit = self.site.max_body
-        self._hang_up(
+        self.answer_and_close(
             raw_response(413, "request too large", f"The body may be at most {limit} bytes.")
         )
 
-    def _respondToBadRequestAndDisconnect(self) -> None:
+    def bad_request(self) -> None:
         # twisted.web's own answer to a malformed request, or to a request line or headers
         # over its limits, is a bare "400 Bad Request" with no body: every error here is JSON.
-        self._hang_up(
+        self.answer_and_close(
             raw_response(
                 400,
                 "bad request",
@@ -112,60 +143,78 @@ class JobChannel(http.HTTPChannel):
 
     def lineLengthExceeded(self, line: bytes) -> None:
         # A request line or header over MAX_LENGTH: LineReceiver would hang up without a word.
-        self._respondToBadRequestAndDisconnect()
+        self.bad_request()
 
     def too_slow(self) -> None:
         """The request did not arrive whole in time: say so and hang up."""
         log.info(
             "closing {peer}: request incomplete after {seconds} s",
-            peer=peer_name(self.transport),
+            peer=self._peer(),
             seconds=self.site.request_timeout,
         )
-        self._hang_up(raw_response(408, "request timeout", "The request did not arrive in time."))
+        self.answer_and_close(
+            raw_response(408, "request timeout", "The request did not arrive in time.")
+        )
 
-    def _hang_up(self, response: bytes) -> None:
+    def evict(self) -> None:
+        """Closed to make room at --max-connections: it was idle or still sending."""
+        if self.request_started is not None:
+            self.answer_and_close(_SERVER_FULL)
+        else:
+            self.hang_up()
+
+    def answer_and_close(self, response: bytes) -> None:
         """Send a final response and close; abort if the peer does not take it in time."""
-        self.refused = True
+        self.transport.write(response)
+        self.hang_up()
+
+    def hang_up(self) -> None:
+        self.closing = True
         self.request_started = None
         self.setTimeout(None)
-        self.transport.write(response)
-        if self.admitted:
-            self.loseConnection()  # also unregisters the channel as the transport's producer
-        else:
-            self.transport.loseConnection()
-        self._twistnet_abort_call = self.callLater(
-            CLOSE_GRACE_SECONDS, self.transport.abortConnection
-        )
+        # Unregisters the channel as the transport's producer, then closes after flushing.
+        self.loseConnection()
+        if self._abort is None or not self._abort.active():
+            self._abort = hang_up(self.transport, self.site.reactor)
+
+    def _peer(self) -> str:
+        return peer_name(self.transport)
 
     def connectionLost(self, reason) -> None:
         self.request_started = None
-        if self._twistnet_abort_call is not None and self._twistnet_abort_call.active():
-            self._twistnet_abort_call.cancel()
-        self._twistnet_abort_call = None
-        if self.admitted:
-            self.site.registry.release(self)
+        if self._abort is not None and self._abort.active():
+            self._abort.cancel()
+        self._abort = None
+        self._stop_serving()
+        self.site.registry.release(self)
         super().connectionLost(reason)
 
 
-class JobSite(server.Site):
-    """The Site of the API: bounded connections, request time and body size."""
+class JobSite(ManagedFactory, server.Site):
+    """The Site of the API: bounded connections, requests, request time and body size."""
 
     protocol = JobChannel
     requestFactory = JobRequest
-    noisy = False
+    logger = Logger(observer=log_observer)
+    full_message = _SERVER_FULL
 
     def __init__(
         self,
         api: resource.IResource,
-        max_connections: int = 20,
+        max_connections: int = 1000,
+        max_requests: int = DEFAULT_MAX_REQUESTS,
         idle_timeout: float | None = None,
         request_timeout: float = DEFAULT_REQUEST_TIMEOUT,
         max_body: int = DEFAULT_MAX_BODY,
         reactor=None,
     ) -> None:
-        super().__init__(api, timeout=idle_timeout or None, reactor=reactor)
+        server.Site.__init__(self, api, timeout=idle_timeout or None, reactor=reactor)
+        # The keep-alive idle timeout is the channel's own (twisted.web's TimeoutMixin).
+        ManagedFactory.__init__(self, max_connections, 0.0, self.reactor)
         self.api = api
-        self.registry = ConnectionRegistry(max_connections, self.reactor)
+        self.max_requests = max_requests
+        #: Connections whose request counts toward --max-requests now.
+        self.serving = 0
         self.request_timeout = request_timeout
         self.max_body = max_body
         self._sweep = task.LoopingCall(self.sweep)
@@ -191,11 +240,6 @@ class JobSite(server.Site):
             started = channel.request_started
             if started is not None and started <= deadline:
                 channel.too_slow()
-
-    def buildProtocol(self, addr):
-        channel = super().buildProtocol(addr)
-        channel.requestFactory = self.requestFactory
-        return channel
 
     def log(self, request: server.Request) -> None:
         # The access log, at debug level only: a line per request costs too much otherwise.

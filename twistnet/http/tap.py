@@ -14,11 +14,12 @@ from pathlib import Path
 
 from twisted.application.internet import TimerService
 from twisted.application.service import MultiService, Service
-from twisted.internet import defer, endpoints
+from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python import usage
 
 from twistnet._connections import ConnectionCloser
+from twistnet._internals import parse_description
 from twistnet._tap import (
     ServiceOptions,
     ServiceRoot,
@@ -29,7 +30,12 @@ from twistnet._tap import (
 )
 from twistnet.http._logging import LEVELS, set_level
 from twistnet.http._logging import observer as log_observer
-from twistnet.http.channel import DEFAULT_MAX_BODY, DEFAULT_REQUEST_TIMEOUT, JobSite
+from twistnet.http.channel import (
+    DEFAULT_MAX_BODY,
+    DEFAULT_MAX_REQUESTS,
+    DEFAULT_REQUEST_TIMEOUT,
+    JobSite,
+)
 from twistnet.http.runner import LocalRunner
 from twistnet.http.store import SQLiteJobStore, StoreError
 from twistnet.http.tools import (
@@ -44,9 +50,6 @@ from twistnet.http.web import JobApi
 log = Logger(observer=log_observer)
 
 DEFAULT_PORT = 8901
-#: Few: each connection may hold a request body of up to --max-body, and this is a service
-#: for a team, not the internet.
-DEFAULT_MAX_CONNECTIONS = 20
 #: A keep-alive connection that sends nothing for this long is closed, freeing its slot.
 DEFAULT_IDLE_TIMEOUT = 60.0
 DEFAULT_QUEUE_SIZE = 1000
@@ -74,7 +77,7 @@ def _with_default(options: list, name: str, default) -> list:
 def beyond_loopback(description: str) -> bool:
     """Would this endpoint accept connections from other machines (as far as we can tell)?"""
     try:
-        args, kwargs = endpoints._parse(description)
+        args, kwargs = parse_description(description)
     except Exception:
         return True
     kind = args[0] if args else ""
@@ -107,9 +110,16 @@ class Options(ServiceOptions):
         ["insecure", None, "Allow listening beyond loopback without a token."],
     ]
     optParameters = [
-        *_with_default(
-            connection_options(DEFAULT_MAX_CONNECTIONS), "idle-timeout", DEFAULT_IDLE_TIMEOUT
-        ),
+        *_with_default(connection_options(), "idle-timeout", DEFAULT_IDLE_TIMEOUT),
+        [
+            "max-requests",
+            None,
+            DEFAULT_MAX_REQUESTS,
+            "Most requests in progress at once (from the request header read to the response "
+            "sent); one more is answered 503. Idle and still-arriving connections count only "
+            "toward --max-connections.",
+            positive_int,
+        ],
         [
             "request-timeout",
             None,
@@ -228,6 +238,7 @@ def makeService(options: usage.Options, reactor=None) -> MultiService:
     site = JobSite(
         api,
         max_connections=options["max-connections"],
+        max_requests=options["max-requests"],
         idle_timeout=options["idle-timeout"],
         request_timeout=options["request-timeout"],
         max_body=options["max-body"],

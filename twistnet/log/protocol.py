@@ -10,10 +10,9 @@ per line and re-slices its buffer for each, which is quadratic on large chunks.
 
 from __future__ import annotations
 
-from twisted.internet import protocol
 from twisted.logger import Logger
 
-from twistnet._connections import ConnectionRegistry, ManagedProtocol, peer_name
+from twistnet._connections import ManagedFactory, ManagedProtocol, peer_name
 from twistnet.log.sink import LogSink
 
 #: The default --max-line: far above any honest log line, small enough that one client
@@ -69,13 +68,13 @@ class LineLogProtocol(ManagedProtocol):
             self._dropped += newline
             if newline:
                 self._dropped_cr = data[newline - 1] == 0x0D
-            self.idle.touch()
+            self.spoke()
             records = self._truncated_record(unterminated=False)
             data = data[newline + 1 :]
         buffer = self._partial + data if self._partial else data
         end = buffer.rfind(b"\n") + 1
         if end:
-            self.idle.touch()
+            self.spoke()
             records += self._records(buffer[:end] if end < len(buffer) else buffer)
             buffer = buffer[end:]
         # One byte of slack: a line of exactly max_line bytes may still end in CR LF.
@@ -137,9 +136,8 @@ class LineLogProtocol(ManagedProtocol):
         super()._idled()
 
     def connectionClosed(self, reason) -> None:
-        if self.admitted:
-            self.sink.detach(self.transport)
-            self._write_final_line()
+        self.sink.detach(self.transport)
+        self._write_final_line()
 
     def _write_final_line(self) -> None:
         if self._kept is not None:
@@ -157,12 +155,11 @@ class LineLogProtocol(ManagedProtocol):
             self.sink.write(record)
 
 
-class LineLogFactory(protocol.Factory):
+class LineLogFactory(ManagedFactory):
     """Holds what the connections share: the sink, the limits and the connection registry."""
 
     protocol = LineLogProtocol
     log = Logger()
-    noisy = False
 
     def __init__(
         self,
@@ -171,8 +168,7 @@ class LineLogFactory(protocol.Factory):
         max_connections: int = 0,
         idle_timeout: float = 0.0,
     ) -> None:
+        super().__init__(max_connections, idle_timeout, sink.clock)
         self.sink = sink
         self.max_line = max_line
-        self.registry = ConnectionRegistry(max_connections, sink.clock)
-        self.idle_timeout = idle_timeout
         self.truncated = 0
