@@ -95,6 +95,32 @@ def signal_group(pid: int, signum: int, leader_alive: bool = True) -> None:
             pass
 
 
+def tool_environment(tool: Tool, server: Mapping[str, str]) -> dict[str, str]:
+    """The environment a tool's process gets: a few of the server's variables, then its own."""
+    passed = {key: server[key] for key in PASSED_ENVIRONMENT if key in server}
+    passed.setdefault("PATH", DEFAULT_PATH)
+    return {**passed, **dict(tool.env)}
+
+
+def unrunnable(tool: Tool, server: Mapping[str, str] | None = None) -> str | None:
+    """
+    Why C{tool}'s program cannot be run, or None: it is looked up as the job's C{execvp}
+    will, on the PATH of L{tool_environment}, or (a name with a slash) from the tool's cwd.
+    """
+    if tool.function:
+        return None  # run by this very Python
+    program = "".join(text for _, text in tool.argv[0])
+    environment = tool_environment(tool, os.environ if server is None else server)
+    if "/" in program:
+        path = os.path.join(tool.cwd or os.getcwd(), program)
+        if os.path.isfile(path) and os.access(path, os.X_OK):
+            return None
+        return f"tool {tool.name!r}: program {program!r} is not an executable file"
+    if shutil.which(program, path=environment["PATH"]) is not None:
+        return None
+    return f"tool {tool.name!r}: program {program!r} is not found on PATH {environment['PATH']}"
+
+
 def boot_time() -> float:
     """When the machine booted (epoch seconds), or 0 if unknown."""
     try:
@@ -341,9 +367,7 @@ class LocalRunner(Service):
         self.clock = reactor
         self.kill_grace = kill_grace
         self.signal_group = signal_group
-        source = os.environ if environment is None else environment
-        self.base_environment = {key: source[key] for key in PASSED_ENVIRONMENT if key in source}
-        self.base_environment.setdefault("PATH", DEFAULT_PATH)
+        self.server_environment = os.environ if environment is None else environment
         self.prefix = session_prefix()
         self.queue: deque[Job] = deque()
         self.active: dict[str, _Run] = {}
@@ -531,7 +555,7 @@ class LocalRunner(Service):
             run.finish(NOT_SPAWNED)
             return
         argv = self.command(job, tool)
-        environment = {**self.base_environment, **dict(tool.env)}
+        environment = tool_environment(tool, self.server_environment)
         child_fds: dict[int, str] = {0: "w", 1: "r", 2: "r"}
         if tool.function:
             child_fds[RESULT_FD] = "r"
