@@ -12,6 +12,7 @@ import pytest_twisted
 from twisted.internet import defer
 
 from http_support import MemoryStore, end, group_gone, job, make_runner, poll
+from twistnet.http.ending import COULD_NOT_START, NOT_SPAWNED, ProcessEnd, outcome
 from twistnet.http.model import (
     CANCELLED,
     FAILED,
@@ -24,6 +25,7 @@ from twistnet.http.model import (
     Tool,
 )
 from twistnet.http.output import PARTIAL_LINE_WAIT
+from twistnet.http.pending import PendingStates
 from twistnet.http.runner import OUTPUT_HEAD, OUTPUT_TAIL, LocalRunner, OutputCapture, QueueFull
 from twistnet.http.store import SQLiteJobStore
 from twistnet.http.tools import (
@@ -225,6 +227,43 @@ def test_long_output_keeps_whole_lines_at_the_default_caps():
     assert all(line in lines for line in kept if line not in markers)
     assert kept[0] == lines[0] and kept[-1] == lines[-1]
     assert len(sink.getvalue()) <= OUTPUT_HEAD + OUTPUT_TAIL + len(markers[0])
+
+
+def test_only_the_newest_refused_state_of_a_job_is_retried():
+    pending = PendingStates()
+    first, second = job(1), job(1, status=RUNNING)
+    pending.record(first)
+    pending.record(second)
+    assert not pending.is_newest(first) and pending.is_newest(second)
+    assert pending.refused(second) is True  # the first refusal: worth a log line
+    assert pending.refused(second) is False
+    assert pending.waiting and pending.to_retry() == [second]
+    assert pending.stored(first) is False  # superseded: changes nothing
+    assert pending.stored(second) is True  # ends the refusal: worth a log line
+    assert not pending.waiting and pending.to_retry() == []
+
+
+@pytest.mark.parametrize(
+    ("ending", "end", "status", "error"),
+    [
+        (None, ProcessEnd(0), SUCCEEDED, None),
+        (None, ProcessEnd(3), FAILED, "exited with status 3"),
+        (None, ProcessEnd(None, signal.SIGKILL), FAILED, f"killed by signal {signal.SIGKILL}"),
+        (None, COULD_NOT_START, FAILED, "exited with status 127"),
+        (CANCELLED, NOT_SPAWNED, CANCELLED, "cancelled by a client"),
+        (TIMED_OUT, ProcessEnd(None, signal.SIGTERM), TIMED_OUT, "timed out after 2.5 s"),
+    ],
+)
+def test_how_a_run_ended_decides_the_jobs_status(ending, end, status, error):
+    assert outcome(ending, end, timeout=2.5) == (
+        {"status": status} if error is None else {"status": status, "error": error}
+    )
+
+
+def test_exit_code_is_the_status_or_minus_the_signal():
+    assert ProcessEnd(3).exit_code == 3
+    assert ProcessEnd(None, signal.SIGTERM).exit_code == -signal.SIGTERM
+    assert NOT_SPAWNED.exit_code is None and not NOT_SPAWNED.succeeded
 
 
 # --- integration: real processes -------------------------------------------------------------
