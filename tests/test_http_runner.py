@@ -12,6 +12,7 @@ import pytest_twisted
 from twisted.internet import defer
 
 from http_support import MemoryStore, end, group_gone, job, make_runner, poll
+from twistnet.http.ending import COULD_NOT_START, NOT_SPAWNED, ProcessEnd, outcome
 from twistnet.http.model import (
     CANCELLED,
     FAILED,
@@ -23,9 +24,17 @@ from twistnet.http.model import (
     Param,
     Tool,
 )
-from twistnet.http.runner import LocalRunner, OutputCapture, QueueFull
+from twistnet.http.output import PARTIAL_LINE_WAIT
+from twistnet.http.pending import PendingStates
+from twistnet.http.runner import OUTPUT_HEAD, OUTPUT_TAIL, LocalRunner, OutputCapture, QueueFull
 from twistnet.http.store import SQLiteJobStore
-from twistnet.http.tools import BUILTIN_TOOLS, catalogue, parse_tool_option, split_command
+from twistnet.http.tools import (
+    BUILTIN_TOOLS,
+    catalogue,
+    parse_argv,
+    parse_tool_option,
+    split_command,
+)
 
 # --- unit: fake processes and a task.Clock ---------------------------------------------------
 
@@ -173,6 +182,88 @@ def test_output_keeps_head_and_tail_and_says_what_was_omitted():
     assert capture.truncated
     assert sink.getvalue() == b"0123456789\n[... 11 bytes of output omitted ...]\nLMNOP"
     assert capture.kept == len(sink.getvalue())
+
+
+def test_stdout_and_stderr_lines_are_not_spliced_mid_line():
+    runner, reactor, _ = make_runner()
+    runner.submit(job(1))
+    proto = reactor.spawned[0][0]
+    for fd, data in [(1, b"out-a "), (2, b"err-a "), (1, b"out-b\nout-c "), (2, b"err-b\n")]:
+        proto.childDataReceived(fd, data)
+    assert runner.store.read_output(job(1).id) == b"out-a out-b\nerr-a err-b\n"
+    proto.childDataReceived(2, b"no newline at the end")
+    end(proto)
+    assert runner.store.read_output(job(1).id).endswith(b"\nout-c no newline at the end")
+    assert reactor.getDelayedCalls() == []
+
+
+def test_a_partial_line_shows_after_a_second_and_watchers_hear_of_it():
+    runner, reactor, _ = make_runner()
+    runner.submit(job(1, timeout=60))
+    seen = []
+    runner.watch(job(1).id, lambda j: seen.append(runner.store.read_output(j.id)))
+    proto = reactor.spawned[0][0]
+    proto.childDataReceived(1, b"[=====     ] 50%")
+    assert runner.store.read_output(job(1).id) == b"" and seen == []
+    reactor.advance(PARTIAL_LINE_WAIT)
+    assert seen == [b"[=====     ] 50%"]
+    proto.childDataReceived(1, b"\r[==========] 100%\n")
+    assert seen[-1] == b"[=====     ] 50%\r[==========] 100%\n"
+    end(proto)
+    assert reactor.getDelayedCalls() == []
+
+
+def test_long_output_keeps_whole_lines_at_the_default_caps():
+    sink = io.BytesIO()
+    sink.close = lambda: None
+    capture = OutputCapture(sink)
+    lines = [f"line {n:05d} ".encode().ljust(99, b".") + b"\n" for n in range(3000)]
+    for line in lines:
+        capture.write(line)
+    capture.close()
+    kept = sink.getvalue().splitlines(keepends=True)
+    markers = [line for line in kept if line.startswith(b"[...")]
+    assert len(markers) == 1 and capture.truncated
+    assert all(line in lines for line in kept if line not in markers)
+    assert kept[0] == lines[0] and kept[-1] == lines[-1]
+    assert len(sink.getvalue()) <= OUTPUT_HEAD + OUTPUT_TAIL + len(markers[0])
+
+
+def test_only_the_newest_refused_state_of_a_job_is_retried():
+    pending = PendingStates()
+    first, second = job(1), job(1, status=RUNNING)
+    pending.record(first)
+    pending.record(second)
+    assert not pending.is_newest(first) and pending.is_newest(second)
+    assert pending.refused(second) is True  # the first refusal: worth a log line
+    assert pending.refused(second) is False
+    assert pending.waiting and pending.to_retry() == [second]
+    assert pending.stored(first) is False  # superseded: changes nothing
+    assert pending.stored(second) is True  # ends the refusal: worth a log line
+    assert not pending.waiting and pending.to_retry() == []
+
+
+@pytest.mark.parametrize(
+    ("ending", "end", "status", "error"),
+    [
+        (None, ProcessEnd(0), SUCCEEDED, None),
+        (None, ProcessEnd(3), FAILED, "exited with status 3"),
+        (None, ProcessEnd(None, signal.SIGKILL), FAILED, f"killed by signal {signal.SIGKILL}"),
+        (None, COULD_NOT_START, FAILED, "exited with status 127"),
+        (CANCELLED, NOT_SPAWNED, CANCELLED, "cancelled by a client"),
+        (TIMED_OUT, ProcessEnd(None, signal.SIGTERM), TIMED_OUT, "timed out after 2.5 s"),
+    ],
+)
+def test_how_a_run_ended_decides_the_jobs_status(ending, end, status, error):
+    assert outcome(ending, end, timeout=2.5) == (
+        {"status": status} if error is None else {"status": status, "error": error}
+    )
+
+
+def test_exit_code_is_the_status_or_minus_the_signal():
+    assert ProcessEnd(3).exit_code == 3
+    assert ProcessEnd(None, signal.SIGTERM).exit_code == -signal.SIGTERM
+    assert NOT_SPAWNED.exit_code is None and not NOT_SPAWNED.succeeded
 
 
 # --- integration: real processes -------------------------------------------------------------
@@ -396,3 +487,16 @@ def test_a_start_that_cannot_be_recorded_fails_the_job_without_running_it():
     assert reactor.spawned == []
     assert store.jobs[job(1).id].status == FAILED
     assert b"the job store failed" in store.read_output(job(1).id)
+
+
+@pytest_twisted.ensureDeferred
+async def test_real_tool_writing_partial_lines_to_both_streams_keeps_lines_whole(real_runner):
+    script = "printf 'out-'; sleep 0.2; printf 'err line\\n' >&2; printf 'rest\\n'"
+    runner = real_runner([Tool(name="mix", argv=parse_argv(["sh", "-c", script]))])
+    finished = await watch_until_done(runner, await runner.submit(job(1, tool="mix", params={})))
+    assert finished.status == SUCCEEDED
+    # Which stream is read first is the reactor's business; that no line is cut is ours.
+    assert runner.store.read_output(finished.id) in (
+        b"err line\nout-rest\n",
+        b"out-rest\nerr line\n",
+    )

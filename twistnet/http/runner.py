@@ -7,9 +7,10 @@ signal the whole tree it started: SIGTERM to the group, then SIGKILL after a gra
 When the job's own process exits, whatever it left behind in its group is killed too, so no
 orphan outlives its job; Twisted reaps the process, so no zombie remains.
 
-Output (stdout and stderr together) is appended to the job's output file as it arrives, up
-to a head limit; after that only the last bytes are kept in memory and written at the end,
-after a marker saying how much was left out.
+Output (stdout and stderr together, each line whole: see L{twistnet.http.output}) is
+appended to the job's output file as it arrives, up to a head limit; after that only the
+last bytes are kept in memory and written at the end, after a marker saying how much was
+left out.
 """
 
 from __future__ import annotations
@@ -24,13 +25,14 @@ from collections.abc import Callable, Mapping
 from typing import Any, BinaryIO
 
 from twisted.application.service import Service
-from twisted.internet import defer, error, protocol
+from twisted.internet import defer, protocol
 from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 from zope.interface import Attribute, Interface, implementer
 
 from twistnet.http._logging import observer as log_observer
 from twistnet.http._pytool import RESULT_FD
+from twistnet.http.ending import COULD_NOT_START, NOT_SPAWNED, ProcessEnd, interrupted, outcome
 from twistnet.http.model import (
     CANCELLED,
     FAILED,
@@ -42,11 +44,15 @@ from twistnet.http.model import (
     Job,
     Tool,
 )
+from twistnet.http.output import LINE_SLACK, HeadTail, LineAssembler
+from twistnet.http.pending import PendingStates
 from twistnet.http.store import IJobStore, StoreUnavailable
 
-#: Output kept from the start of a run, streamed to the output file as it arrives.
+#: Output kept from the start of a run, streamed to the output file as it arrives (the cut
+#: moves back to a line's end within LINE_SLACK bytes).
 OUTPUT_HEAD = 64 * 1024
-#: Output kept from the end of a run, held in memory until the run ends.
+#: Output kept from the end of a run, held in memory until the run ends (the cut moves
+#: forward to a line's start within LINE_SLACK bytes).
 OUTPUT_TAIL = 64 * 1024
 #: The largest JSON result a Python tool may return: it is stored in the database row.
 MAX_RESULT = 1024 * 1024
@@ -87,6 +93,32 @@ def signal_group(pid: int, signum: int, leader_alive: bool = True) -> None:
             os.kill(pid, signum)
         except ProcessLookupError:
             pass
+
+
+def tool_environment(tool: Tool, server: Mapping[str, str]) -> dict[str, str]:
+    """The environment a tool's process gets: a few of the server's variables, then its own."""
+    passed = {key: server[key] for key in PASSED_ENVIRONMENT if key in server}
+    passed.setdefault("PATH", DEFAULT_PATH)
+    return {**passed, **dict(tool.env)}
+
+
+def unrunnable(tool: Tool, server: Mapping[str, str] | None = None) -> str | None:
+    """
+    Why C{tool}'s program cannot be run, or None: it is looked up as the job's C{execvp}
+    will, on the PATH of L{tool_environment}, or (a name with a slash) from the tool's cwd.
+    """
+    if tool.function:
+        return None  # run by this very Python
+    program = "".join(text for _, text in tool.argv[0])
+    environment = tool_environment(tool, os.environ if server is None else server)
+    if "/" in program:
+        path = os.path.join(tool.cwd or os.getcwd(), program)
+        if os.path.isfile(path) and os.access(path, os.X_OK):
+            return None
+        return f"tool {tool.name!r}: program {program!r} is not an executable file"
+    if shutil.which(program, path=environment["PATH"]) is not None:
+        return None
+    return f"tool {tool.name!r}: program {program!r} is not found on PATH {environment['PATH']}"
 
 
 def boot_time() -> float:
@@ -134,38 +166,37 @@ class IRunner(Interface):
 
 
 class OutputCapture:
-    """Keeps the first C{head} bytes (written through to C{sink}) and the last C{tail}."""
+    """
+    Writes a job's combined output to its file within the head+tail cap (L{HeadTail}), and
+    counts what a failing file (a full disk) lost as omitted too.
+    """
 
-    def __init__(self, sink: BinaryIO, head: int = OUTPUT_HEAD, tail: int = OUTPUT_TAIL):
+    def __init__(
+        self, sink: BinaryIO, head: int = OUTPUT_HEAD, tail: int = OUTPUT_TAIL, slack=LINE_SLACK
+    ):
         self._sink = sink
-        self._head_room = head
-        self._tail_limit = tail
-        self._tail = bytearray()
-        self.total = 0
+        self._cap = HeadTail(head, tail, slack)
+        self._lost = 0
+        #: Bytes in the file.
         self.kept = 0
-        self.omitted = 0
         #: The error that stopped writes to the sink (then all output is counted omitted).
         self.failed: OSError | None = None
 
-    def write(self, data: bytes) -> None:
-        self.total += len(data)
-        if self._head_room:
-            head, data = data[: self._head_room], data[self._head_room :]
-            self._head_room -= len(head)
-            self._put(head)
-        if data:
-            self._tail += data
-            excess = len(self._tail) - self._tail_limit
-            if excess > 0:
-                del self._tail[:excess]
-                self.omitted += excess
+    @property
+    def omitted(self) -> int:
+        return self._cap.omitted + self._lost
 
     @property
     def truncated(self) -> bool:
         return self.omitted > 0
 
+    def write(self, data: bytes) -> None:
+        self._put(self._cap.add(data))
+
     def _put(self, data: bytes) -> None:
         """Write through to the sink; once that failed (a full disk), count the bytes lost."""
+        if not data:
+            return
         if self.failed is None:
             try:
                 self._sink.write(data)
@@ -174,14 +205,11 @@ class OutputCapture:
                 return
             except OSError as error:
                 self.failed = error
-        self.omitted += len(data)
+        self._lost += len(data)
 
     def close(self) -> None:
-        """Write the tail (after an omission marker if bytes were dropped) and close."""
-        if self.truncated:
-            self._put(f"\n[... {self.omitted} bytes of output omitted ...]\n".encode())
-        self._put(bytes(self._tail))
-        self._tail = bytearray()
+        """Write the rest (the tail, after a marker if bytes were left out) and close."""
+        self._put(self._cap.finish())
         try:
             self._sink.close()
         except OSError as error:  # what a failed write left in the buffer
@@ -196,11 +224,13 @@ class _Run(protocol.ProcessProtocol):
         self.job = job
         self.tool = tool
         self.output = output
+        self.lines = LineAssembler()
         self.result = bytearray()
         self.result_too_large = False
         self.ending: str | None = None
         self.timeout_call: IDelayedCall | None = None
         self.kill_call: IDelayedCall | None = None
+        self.flush_call: IDelayedCall | None = None
         self.ended: defer.Deferred[Job] = defer.Deferred()
         self.pid: int | None = None
 
@@ -222,15 +252,33 @@ class _Run(protocol.ProcessProtocol):
             else:
                 self.result += data
             return
-        self.output.write(data)
-        self.runner._notify(self.job)
+        self.append(self.lines.receive(fd, data, self.runner.clock.seconds()))
+        due = self.lines.next_due()
+        if due is not None and not _active(self.flush_call):
+            delay = max(0.0, due - self.runner.clock.seconds())
+            self.flush_call = self.runner.clock.callLater(delay, self._flush_due)
+
+    def _flush_due(self) -> None:
+        """Show the partial lines that waited long enough (a progress bar, a prompt)."""
+        self.flush_call = None
+        now = self.runner.clock.seconds()
+        self.append(self.lines.due(now))
+        due = self.lines.next_due()
+        if due is not None:
+            self.flush_call = self.runner.clock.callLater(max(0.0, due - now), self._flush_due)
+
+    def append(self, data: bytes) -> None:
+        """Add C{data} to the job's output and tell its watchers."""
+        if data:
+            self.output.write(data)
+            self.runner.notify(self.job)
 
     def terminate(self, why: str) -> None:
         """SIGTERM to the job's process group; SIGKILL after the grace period."""
         if self.ending is not None:
             return
         self.ending = why
-        self._cancel_timeout()
+        self.timeout_call = _cancel(self.timeout_call)
         if self.pid is None:
             return
         self.runner.log.info("job {job}: {why}, sending SIGTERM", job=self.job.id, why=why)
@@ -242,11 +290,6 @@ class _Run(protocol.ProcessProtocol):
         self.runner.log.info("job {job}: still running, sending SIGKILL", job=self.job.id)
         self.runner.signal_group(self.pid, signal.SIGKILL, self.transport.pid is not None)
 
-    def _cancel_timeout(self) -> None:
-        if self.timeout_call is not None and self.timeout_call.active():
-            self.timeout_call.cancel()
-        self.timeout_call = None
-
     def processExited(self, reason) -> None:
         # The job's own process is gone: anything it left in its group must not outlive it
         # (or hold its output pipe open, which would keep the job running).
@@ -254,10 +297,14 @@ class _Run(protocol.ProcessProtocol):
             self.runner.signal_group(self.pid, signal.SIGKILL, False)
 
     def processEnded(self, reason) -> None:
-        self._cancel_timeout()
-        if self.kill_call is not None and self.kill_call.active():
-            self.kill_call.cancel()
-        self.kill_call = None
+        self.finish(ProcessEnd.from_reason(reason))
+
+    def finish(self, end: ProcessEnd) -> None:
+        """The process ended (or never started): close the output, report to the runner."""
+        self.timeout_call = _cancel(self.timeout_call)
+        self.kill_call = _cancel(self.kill_call)
+        self.flush_call = _cancel(self.flush_call)
+        self.append(self.lines.flush())
         self.output.close()
         if self.output.failed is not None:
             self.runner.log.error(
@@ -265,37 +312,26 @@ class _Run(protocol.ProcessProtocol):
                 job=self.job.id,
                 error=self.output.failed,
             )
-        exit_code = getattr(reason.value, "exitCode", None)
-        signum = getattr(reason.value, "signal", None)
-        changes: dict[str, Any] = {
-            "pid": None,
-            "finished": self.runner.clock.seconds(),
-            "exit_code": exit_code if exit_code is not None else (-signum if signum else None),
-            "truncated": self.output.truncated,
-            "output_size": self.output.kept,
-        }
-        if self.ending == CANCELLED:
-            changes.update(status=CANCELLED, error="cancelled by a client")
-        elif self.ending == TIMED_OUT:
-            changes.update(status=TIMED_OUT, error=f"timed out after {self.job.timeout:g} s")
-        elif self.ending is not None:
-            changes.update(self.runner._interrupted(self.job, self.tool))
-        elif reason.check(error.ProcessDone):
-            changes.update(status=SUCCEEDED)
-        else:
-            why = f"killed by signal {signum}" if signum else f"exited with status {exit_code}"
-            changes.update(status=FAILED, error=why)
-        if self.tool.function and changes["status"] == SUCCEEDED:
-            changes.update(self._result())
-        self.runner._ended(self, self.job.evolve(**changes))
+        self.runner.run_ended(self, end)
 
-    def _result(self) -> dict[str, Any]:
+    def result_changes(self) -> dict[str, Any]:
+        """A Python tool's result, or why the job failed after all."""
         if self.result_too_large:
             return {"status": FAILED, "error": f"the result is larger than {MAX_RESULT} bytes"}
         try:
             return {"result": json.loads(self.result.decode())}
         except ValueError:
             return {"status": FAILED, "error": "the tool returned no JSON result"}
+
+
+def _active(call: IDelayedCall | None) -> bool:
+    return call is not None and call.active()
+
+
+def _cancel(call: IDelayedCall | None) -> None:
+    """Cancel C{call} if it is still to come; returns None, to clear the attribute holding it."""
+    if _active(call):
+        call.cancel()
 
 
 @implementer(IRunner)
@@ -331,9 +367,7 @@ class LocalRunner(Service):
         self.clock = reactor
         self.kill_grace = kill_grace
         self.signal_group = signal_group
-        source = os.environ if environment is None else environment
-        self.base_environment = {key: source[key] for key in PASSED_ENVIRONMENT if key in source}
-        self.base_environment.setdefault("PATH", DEFAULT_PATH)
+        self.server_environment = os.environ if environment is None else environment
         self.prefix = session_prefix()
         self.queue: deque[Job] = deque()
         self.active: dict[str, _Run] = {}
@@ -341,9 +375,7 @@ class LocalRunner(Service):
         self._per_tool: Counter[str] = Counter()
         self._watchers: dict[str, set[Callable[[Job], None]]] = {}
         self._accepting = False
-        #: Each job's newest state until it is stored; the ids of those the store refused.
-        self._latest: dict[str, Job] = {}
-        self._failing: set[str] = set()
+        self._pending = PendingStates()
         self._retry_call: IDelayedCall | None = None
         #: Called with each job that reaches a terminal state (metrics).
         self.on_finished: list[Callable[[Job], None]] = []
@@ -370,7 +402,7 @@ class LocalRunner(Service):
                 continue
             if job.status == RUNNING:
                 self._sweep(job)
-                job = job.evolve(pid=None, **self._interrupted(job, tool))
+                job = job.evolve(pid=None, **interrupted(tool.retry_safe, self.clock.seconds()))
                 await self.store.update(job)
                 self.log.info(
                     "job {job} was running at restart: {status}", job=job.id, status=job.status
@@ -388,32 +420,13 @@ class LocalRunner(Service):
         )
         self.signal_group(job.pid, signal.SIGKILL, False)
 
-    def _interrupted(self, job: Job, tool: Tool) -> dict[str, Any]:
-        """The changes for a job whose run the server's stop cut short."""
-        if tool.retry_safe:
-            # Run again from the start: nothing of the cut-short run remains.
-            return {
-                "status": QUEUED,
-                "started": None,
-                "finished": None,
-                "exit_code": None,
-                "truncated": False,
-                "output_size": 0,
-            }
-        return {
-            "status": LOST,
-            "finished": self.clock.seconds(),
-            "error": "the server stopped while the job ran",
-        }
-
     def stopService(self) -> defer.Deferred[None]:
         """Stop starting jobs; end the running ones (as at a restart) and wait for them."""
         super().stopService()
         self._accepting = False
-        if self._retry_call is not None and self._retry_call.active():
-            self._retry_call.cancel()
+        if _active(self._retry_call):
             self._retry()  # a last try, while the store is still running
-        self._retry_call = None
+        self._retry_call = _cancel(self._retry_call)
         runs = list(self.active.values())
         for run in runs:
             run.terminate("server stopping")
@@ -457,7 +470,7 @@ class LocalRunner(Service):
                     status=CANCELLED, finished=self.clock.seconds(), error="cancelled by a client"
                 )
                 self._finished(cancelled)
-                self._notify(cancelled)
+                self.notify(cancelled)
                 return self.store.update(cancelled).addCallback(lambda _, job=cancelled: job)
         return defer.succeed(None)
 
@@ -475,7 +488,8 @@ class LocalRunner(Service):
 
     # --- running ------------------------------------------------------------------------
 
-    def _notify(self, job: Job) -> None:
+    def notify(self, job: Job) -> None:
+        """Tell the watchers of C{job} about its new state or output."""
         for observer in list(self._watchers.get(job.id, ())):
             try:
                 observer(job)
@@ -516,7 +530,7 @@ class LocalRunner(Service):
         run = _Run(self, job, tool, OutputCapture(self.store.open_output(job.id)))
         self.active[job.id] = run
         self._per_tool[tool.name] += 1
-        self._notify(job)
+        self.notify(job)
         self.store.update(job).addCallbacks(
             lambda _: self._spawn(run), lambda failure: self._not_recorded(run, failure)
         )
@@ -531,17 +545,17 @@ class LocalRunner(Service):
             )
         else:
             self.log.failure("job {job}: could not record its start", failure, job=run.job.id)
-        run.output.write(f"not started: the job store failed: {failure.value}\n".encode())
-        run.processEnded(_NotStarted(127))
+        run.append(f"not started: the job store failed: {failure.value}\n".encode())
+        run.finish(COULD_NOT_START)
 
     def _spawn(self, run: _Run) -> None:
         job, tool = run.job, run.tool
         if run.ending is not None:
             # Cancelled (or the server is stopping) while its start was being recorded.
-            run.processEnded(_NotStarted(None))
+            run.finish(NOT_SPAWNED)
             return
         argv = self.command(job, tool)
-        environment = {**self.base_environment, **dict(tool.env)}
+        environment = tool_environment(tool, self.server_environment)
         child_fds: dict[int, str] = {0: "w", 1: "r", 2: "r"}
         if tool.function:
             child_fds[RESULT_FD] = "r"
@@ -551,8 +565,8 @@ class LocalRunner(Service):
             )
         except Exception as failure:
             self.log.failure("job {job}: could not start {tool}", job=job.id, tool=tool.name)
-            run.output.write(f"could not start: {failure}\n".encode())
-            run.processEnded(_NotStarted(127))
+            run.append(f"could not start: {failure}\n".encode())
+            run.finish(COULD_NOT_START)
             return
         run.job = job.evolve(pid=process.pid)
         self._record(run.job)
@@ -560,27 +574,23 @@ class LocalRunner(Service):
         self.log.debug("job {job} started: {tool}", job=job.id, tool=tool.name)
 
     def _record(self, job: Job) -> None:
-        self._latest[job.id] = job
+        self._pending.record(job)
         self._store(job)
-        self._notify(job)
+        self.notify(job)
 
     def _store(self, job: Job) -> None:
         self.store.update(job).addCallbacks(self._stored, self._not_stored, (job,), None, (job,))
 
     def _stored(self, _: None, job: Job) -> None:
-        if self._latest.get(job.id) is job:
-            del self._latest[job.id]
-            if job.id in self._failing:
-                self._failing.discard(job.id)
-                self.log.info("job {job}: its state is stored after all", job=job.id)
+        if self._pending.stored(job):
+            self.log.info("job {job}: its state is stored after all", job=job.id)
 
     def _not_stored(self, failure, job: Job) -> None:
         # A full disk, say: what the API shows must still reach the database, or a restart
-        # would undo it; so the job's latest state is tried again until it is stored.
-        if self._latest.get(job.id) is not job:
+        # would undo it; so the job's newest state is tried again until it is stored.
+        if not self._pending.is_newest(job):
             return  # a newer state of the job is on its way
-        if job.id not in self._failing:
-            self._failing.add(job.id)
+        if self._pending.refused(job):
             self.log.error(
                 "could not store job {job} ({status}): {error}; retrying every {delay:g} s",
                 job=job.id,
@@ -588,20 +598,34 @@ class LocalRunner(Service):
                 error=failure.getErrorMessage(),
                 delay=STORE_RETRY,
             )
-        if self.running and (self._retry_call is None or not self._retry_call.active()):
+        if self.running and not _active(self._retry_call):
             self._retry_call = self.clock.callLater(STORE_RETRY, self._retry)
 
     def _retry(self) -> None:
         self._retry_call = None
-        for job_id in list(self._failing):
-            job = self._latest.get(job_id)
-            if job is not None:
-                self._store(job)
+        for job in self._pending.to_retry():
+            self._store(job)
 
-    def _ended(self, run: _Run, job: Job) -> None:
+    def run_ended(self, run: _Run, end: ProcessEnd) -> None:
+        """C{run}'s process ended, or never started: record how, free its worker, start more."""
+        job = run.job
+        now = self.clock.seconds()
+        changes: dict[str, Any] = {
+            "pid": None,
+            "finished": now,
+            "exit_code": end.exit_code,
+            "truncated": run.output.truncated,
+            "output_size": run.output.kept,
+        }
+        if run.ending in (None, CANCELLED, TIMED_OUT):
+            changes.update(outcome(run.ending, end, job.timeout))
+        else:  # the server is stopping
+            changes.update(interrupted(run.tool.retry_safe, now))
+        if run.tool.function and changes["status"] == SUCCEEDED:
+            changes.update(run.result_changes())
+        run.job = job = job.evolve(**changes)
         del self.active[job.id]
         self._per_tool[run.tool.name] -= 1
-        run.job = job
         if job.status != QUEUED:
             self._finished(job)
         self._record(job)
@@ -611,13 +635,3 @@ class LocalRunner(Service):
     def _finished(self, job: Job) -> None:
         for observer in self.on_finished:
             observer(job)
-
-
-class _NotStarted:
-    """Stands in for the ended-process reason of a job whose process never ran."""
-
-    def __init__(self, exit_code: int | None) -> None:
-        self.value = error.ProcessTerminated(exitCode=exit_code)
-
-    def check(self, *kinds: type) -> type | None:
-        return None

@@ -36,7 +36,7 @@ from twistnet.http.channel import (
     DEFAULT_REQUEST_TIMEOUT,
     JobSite,
 )
-from twistnet.http.runner import LocalRunner
+from twistnet.http.runner import LocalRunner, unrunnable
 from twistnet.http.store import SQLiteJobStore, StoreError
 from twistnet.http.tools import (
     BUILTIN_TOOLS,
@@ -174,6 +174,10 @@ class Options(ServiceOptions):
             self["tools"] = catalogue(tools or BUILTIN_TOOLS)
         except ToolConfigError as error:
             raise usage.UsageError(str(error)) from None
+        # A program that is not there fails now, not at a client's first job.
+        for tool in self["tools"].values():
+            if (problem := unrunnable(tool)) is not None:
+                raise usage.UsageError(problem)
         if self["token"] is None and not self["insecure"]:
             for description in self.endpoint_descriptions():
                 if beyond_loopback(description):
@@ -201,6 +205,8 @@ class Options(ServiceOptions):
                 raise usage.UsageError(
                     f"cannot read --token-file {self['token-file']}: {error.strerror}"
                 ) from None
+            if not token:
+                raise usage.UsageError(f"--token-file {self['token-file']} is empty.")
             source = "--token-file"
         elif self["token"] is not None:
             token, source = self["token"], "--token"

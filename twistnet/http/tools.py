@@ -6,27 +6,8 @@ A command template is split into argv with L{shlex.split} once, here, at start-u
 ``{name}`` placeholder then fills argument text at run time: a value is never split again
 and never seen by a shell, so ``; rm -rf /`` stays one literal argument.
 
-The TOML form, one table per tool::
-
-    [tools.greet]
-    command = "echo hello {who}"     # or argv = ["echo", "hello {who}"], or
-                                     # function = "package.module:function"
-    description = "Say hello."
-    timeout = 30                     # seconds; clients may ask for less, never more
-    max_concurrent = 2               # runs of this tool at once (0: only --workers)
-    cwd = "/srv/work"
-    env = { LANG = "C.UTF-8" }       # the whole environment besides PATH, HOME, LANG
-    retry_safe = false               # re-run, rather than mark lost, after a restart
-
-    [tools.greet.params.who]
-    type = "string"                  # string | choice | integer | boolean
-    pattern = "[a-z]+"               # strings: the whole value must match
-    required = true
-    default = "world"
-    allow_dash = false               # strings: may the value start with '-'?
-    max_length = 100
-    # choices = ["a", "b"]           # choice;  min = 0, max = 10  # integer
-    # flag = "--verbose"             # boolean: this whole argument when true
+The TOML form, one ``[tools.NAME]`` table per tool, is described with an annotated example
+in the README, section "The tools file (``--config tools.toml``)".
 
 A placeholder without a ``params`` entry is a required string.
 """
