@@ -34,12 +34,12 @@ from http_rel_helpers import (
     start_live,
     stop_leftovers,
 )
+from twistnet.http.api import JobApi
 from twistnet.http.channel import JobSite
 from twistnet.http.model import Job
 from twistnet.http.runner import LocalRunner
 from twistnet.http.store import SQLiteJobStore
 from twistnet.http.tools import catalogue, parse_tool_option
-from twistnet.http.web import JobApi
 
 
 @pytest.fixture(scope="module", autouse=True)
