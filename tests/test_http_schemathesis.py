@@ -17,16 +17,8 @@ import schemathesis
 from hypothesis import HealthCheck, given, settings
 from schemathesis import GenerationMode
 
-from http_rel_helpers import start_live, stop_leftovers
+from http_rel_helpers import start_live
 from twistnet.http.openapi import ROUTES
-
-
-@pytest.fixture(scope="module", autouse=True)
-def no_server_left_behind():
-    """A test that fails before stopping its server does not leave it running past the module."""
-    yield
-    stop_leftovers()
-
 
 TOKEN = "schemathesis-token"
 #: Examples per operation: 8 operations (9 with methods) x this stays well under 30 s.

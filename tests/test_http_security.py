@@ -17,17 +17,9 @@ from pathlib import Path
 import pytest
 
 from helpers import make_certificate, run_twistd
-from http_rel_helpers import assert_json_error, start_live, stop_leftovers
+from http_rel_helpers import assert_json_error, start_live
 from twistnet.http import api
 from twistnet.http.runner import OUTPUT_HEAD, OUTPUT_TAIL
-
-
-@pytest.fixture(scope="module", autouse=True)
-def no_server_left_behind():
-    """A test that fails before stopping its server does not leave it running past the module."""
-    yield
-    stop_leftovers()
-
 
 TOKEN = "s3cr3t-T0ken-for-the-security-tests"
 

@@ -32,12 +32,11 @@ def events(data: bytes, offset: int, terminal: bool) -> tuple[bytes, int]:
     if not terminal:
         data = data[: data.rfind(b"\n") + 1]
     framed = []
+    # bytes.splitlines ends a line at CR, LF or CR LF, as SSE does: no field holds a CR.
     for line in data.splitlines(keepends=True):
         offset += len(line)
-        # A CR inside a line would end an SSE field: it becomes a line break.
-        text = line.rstrip(b"\r\n").decode("utf-8", "replace").replace("\r", "\n")
-        fields = "".join(f"data: {part}\n" for part in text.split("\n"))
-        framed.append(f"id: {offset}\n{fields}\n")
+        text = line.rstrip(b"\r\n").decode("utf-8", "replace")
+        framed.append(f"id: {offset}\ndata: {text}\n\n")
     return "".join(framed).encode(), offset
 
 
