@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from schemathesis import GenerationMode
 
 from http_rel_helpers import start_live
-from twistnet.http.openapi import ROUTES
+from twistnet.http.api import ROUTES
 
 TOKEN = "schemathesis-token"
 #: Examples per operation: 8 operations (9 with methods) x this stays well under 30 s.
@@ -73,7 +73,7 @@ def _call(case) -> None:
     case.validate_response(response, checks=checks)
 
 
-OPERATIONS = [(path, method) for path, methods in ROUTES for method in methods]
+OPERATIONS = [(route.template, route.method) for route in ROUTES.documented()]
 #: Operations with a query or a body that negative (schema-violating) data can go into; a
 #: path id is any string, so negating it is impossible.
 WITH_INPUT = [("/jobs", "GET"), ("/jobs", "POST"), ("/jobs/{id}/log", "GET")]
