@@ -3,8 +3,9 @@ Fixtures shared by every twistnet test.
 
 pytest-twisted runs the global reactor but offers no fixture for it and does not check that a
 test cleaned up, so both are here: C{reactor}, C{listen} (a real port on 127.0.0.1 chosen by
-the OS, stopped with its connections at teardown), C{twistd} (a service as a child process)
-and an autouse check that no reader, writer or delayed call outlives its test.
+the OS, stopped with its connections at teardown), C{twistd} (a service as a child process),
+an autouse check that no reader, writer or delayed call outlives its test, and one that no
+twistnet-http server a test module started outlives the module.
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ import pytest_twisted
 from twisted.internet import defer, endpoints, task
 from twisted.internet import reactor as global_reactor
 
-from helpers import TwistdProcess
+from helpers import TwistdProcess, eventually
+from http_rel_helpers import stop_leftovers
 
 #: How long teardown waits for connections and timers to wind down before calling it a leak.
 SETTLE_SECONDS = 5.0
@@ -36,13 +38,16 @@ def _reactor_state(reactor) -> tuple[set, set, set]:
 
 async def _settle(reactor, baseline) -> tuple[set, set, set]:
     """Let the reactor run until it is back to C{baseline} or the time is up."""
-    deadline = reactor.seconds() + SETTLE_SECONDS
-    while True:
+
+    def leaks() -> tuple[set, set, set]:
         readers, writers, calls = _reactor_state(reactor)
-        leaks = (readers - baseline[0], writers - baseline[1], calls - baseline[2])
-        if not any(leaks) or reactor.seconds() > deadline:
-            return leaks
-        await task.deferLater(reactor, 0.01, lambda: None)
+        return readers - baseline[0], writers - baseline[1], calls - baseline[2]
+
+    try:
+        await eventually(lambda: not any(leaks()), timeout=SETTLE_SECONDS)
+    except AssertionError:
+        pass  # the caller reports what is left
+    return leaks()
 
 
 @pytest.fixture(autouse=True)
@@ -57,6 +62,13 @@ def no_reactor_leaks():
     assert not readers and not writers and not calls, (
         f"test leaked reactor state: readers={readers} writers={writers} delayed calls={calls}"
     )
+
+
+@pytest.fixture(scope="module", autouse=True)
+def no_server_left_behind():
+    """A test that fails before stopping its twistnet-http server does not leave it running."""
+    yield
+    stop_leftovers()
 
 
 @pytest.fixture

@@ -33,6 +33,29 @@ def wait_until(predicate: Callable[[], object], timeout: float = WAIT_SECONDS, i
         time.sleep(interval)
 
 
+async def eventually(
+    predicate: Callable[[], object],
+    message: str = "the condition never held",
+    timeout: float = WAIT_SECONDS,
+    interval: float = 0.01,
+):
+    """
+    The first true result of C{predicate()}, polled without blocking the reactor, for at
+    most C{timeout} seconds; fails with C{message} if it never comes. The suite's one async
+    poller (L{wait_until} is its blocking twin, for threads and child processes).
+    """
+    from twisted.internet import reactor, task
+
+    deadline = reactor.seconds() + timeout
+    while True:
+        result = predicate()
+        if result:
+            return result
+        if reactor.seconds() > deadline:
+            raise AssertionError(f"{message} (waited {timeout} s)")
+        await task.deferLater(reactor, interval, lambda: None)
+
+
 class TwistdProcess:
     """C{twistd -n PLUGIN ARGS} as a child process, its log collected line by line."""
 

@@ -1,18 +1,29 @@
-"""Fakes and helpers shared by the twistnet-http tests."""
+"""
+Fakes and helpers shared by the twistnet-http tests: a job store and a process reactor in
+memory, and L{StubApi}, the API resource served by treq's StubTreq over them (no socket, no
+thread, no child process).
+"""
 
 from __future__ import annotations
 
 import io
+import json
 import os
 
+from treq.testing import StubTreq
 from twisted.internet import defer, error, task
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from helpers import eventually
+from twistnet.http.api import JobApi
 from twistnet.http.model import QUEUED, RUNNING, Job
-from twistnet.http.runner import LocalRunner
-from twistnet.http.store import IJobStore
+from twistnet.http.runner import RESULT_FD, LocalRunner
+from twistnet.http.store import MAX_LIMIT, IJobStore
 from twistnet.http.tools import BUILTIN_TOOLS, catalogue
+
+#: The older name of the suite's poller, still used by the runner tests.
+poll = eventually
 
 
 @implementer(IJobStore)
@@ -31,6 +42,20 @@ class MemoryStore:
 
     def get(self, job_id):
         return defer.succeed(self.jobs.get(job_id))
+
+    def list(self, status=None, tool=None, limit=50, cursor=None):
+        """As SQLiteJobStore.list: newest first; a cursor is the position of a page's end."""
+        limit = max(1, min(limit, MAX_LIMIT))
+        numbered = [
+            (seq, job)
+            for seq, job in enumerate(self.jobs.values(), start=1)
+            if (status is None or job.status == status)
+            and (tool is None or job.tool == tool)
+            and (cursor is None or seq < int(cursor))
+        ][::-1]
+        page = numbered[:limit]
+        more = len(numbered) > limit
+        return defer.succeed(([job for _, job in page], str(page[-1][0]) if more else None))
 
     def cached(self, job_id):
         return self.jobs.get(job_id)
@@ -126,12 +151,88 @@ def group_gone(pgid: int) -> bool:
     return False
 
 
-async def poll(predicate, message: str, timeout: float = 10.0) -> None:
-    """Wait, without blocking the reactor, until C{predicate()} holds (bounded)."""
-    from twisted.internet import reactor
+#: Where StubTreq's requests go (any URL reaches the resource).
+BASE = "http://jobs.example"
 
-    for _ in range(int(timeout / 0.01)):
-        if predicate():
-            return
-        await task.deferLater(reactor, 0.01, lambda: None)
-    raise AssertionError(message)
+
+def result_of(deferred):
+    """What a Deferred that fired in memory gave (it must have fired)."""
+    results = []
+    deferred.addBoth(results.append)
+    assert results, "the response did not complete in memory"
+    if isinstance(results[0], Failure):
+        results[0].raiseException()
+    return results[0]
+
+
+class StubApi:
+    """
+    The JSON API resource over a L{MemoryStore} and a runner whose processes are fakes,
+    called through treq's StubTreq: C{api.call("GET", "/healthz")} is (status, headers, body).
+    """
+
+    def __init__(self, token=None, workers=2, queue_size=10, tools=BUILTIN_TOOLS, store=None):
+        self.runner, self.clock, self.signals = make_runner(workers, queue_size, tools, store)
+        self.store = self.runner.store
+        self.token = token
+        self.resource = JobApi(
+            self.store,
+            self.runner,
+            catalogue(tools),
+            token=token.encode() if token else None,
+            clock=self.clock,
+        )
+        self.stub = StubTreq(self.resource)
+
+    def call(self, method, path, body=None, token=None, raw=None, headers=None):
+        """(status, headers, body bytes) of one request; C{body} is sent as JSON."""
+        return self.answer(self.request(method, path, body, token, raw, headers))
+
+    def request(self, method, path, body=None, token=None, raw=None, headers=None):
+        """Send one request; its answer may wait for the runner (see L{answer})."""
+        headers = dict(headers or {})
+        token = token or self.token
+        if token:
+            headers.setdefault(b"Authorization", [b"Bearer " + token.encode()])
+        data = raw
+        if body is not None:
+            data = json.dumps(body).encode()
+            headers.setdefault(b"Content-Type", [b"application/json"])
+        response = self.stub.request(method, BASE + path, data=data, headers=headers)
+        self.stub.flush()
+        return response
+
+    def answer(self, response):
+        """(status, headers, body bytes) of a request sent with L{request}."""
+        self.stub.flush()
+        response = result_of(response)
+        content = self.stub.content(response)
+        self.stub.flush()
+        return response.code, response.headers, result_of(content)
+
+    def json(self, method, path, body=None, **kwargs):
+        code, headers, content = self.call(method, path, body, **kwargs)
+        return code, headers, json.loads(content)
+
+    def submit(self, tool, params=None, **kwargs) -> str:
+        code, _, accepted = self.json(
+            "POST", "/jobs", {"tool": tool, "params": params or {}}, **kwargs
+        )
+        assert code == 202, accepted
+        return accepted["id"]
+
+    def process(self, job_id):
+        """The fake process protocol of a started job."""
+        for proto, *_ in self.clock.spawned:
+            if proto.job.id == job_id:
+                return proto
+        raise AssertionError(f"job {job_id} was never started")
+
+    def run(self, job_id, output=b"", exit_code=0, result=None, signum=None):
+        """The job's process prints C{output}, returns C{result} (Python tools) and exits."""
+        proto = self.process(job_id)
+        if output:
+            proto.childDataReceived(1, output)
+        if result is not None:
+            proto.childDataReceived(RESULT_FD, json.dumps(result).encode())
+        end(proto, exit_code, signum)

@@ -21,9 +21,9 @@ from pathlib import Path
 
 import pytest
 import pytest_twisted
-from twisted.internet import task, threads
+from twisted.internet import threads
 
-from helpers import connect, raise_fd_limit, recv_until, recv_until_closed, wait_until
+from helpers import connect, eventually, raise_fd_limit, recv_until, recv_until_closed, wait_until
 from http_rel_helpers import (
     assert_json_error,
     descendants,
@@ -32,22 +32,13 @@ from http_rel_helpers import (
     parse_raw_response,
     process_group_members,
     start_live,
-    stop_leftovers,
 )
+from twistnet.http.api import JobApi
 from twistnet.http.channel import JobSite
 from twistnet.http.model import Job
 from twistnet.http.runner import LocalRunner
 from twistnet.http.store import SQLiteJobStore
 from twistnet.http.tools import catalogue, parse_tool_option
-from twistnet.http.web import JobApi
-
-
-@pytest.fixture(scope="module", autouse=True)
-def no_server_left_behind():
-    """A test that fails before stopping its server does not leave it running past the module."""
-    yield
-    stop_leftovers()
-
 
 TOKEN = "reliability-token"
 JOB_ID = "0123456789abcdef0123456789abcdef"
@@ -823,9 +814,11 @@ async def test_vanished_stream_readers_leave_no_watcher_timer_or_connection(
                 (vanish if index % 2 else socket.socket.close)(sock)
 
         await threads.deferToThread(readers_come_and_go)
-        deadline = reactor.seconds() + 5
-        while (runner._watchers or len(site.registry)) and reactor.seconds() < deadline:
-            await task.deferLater(reactor, 0.05, lambda: None)
+        await eventually(
+            lambda: not (runner._watchers or len(site.registry)),
+            "the readers' watchers or channels outlived them",
+            timeout=5,
+        )
         # Still running, so only the readers' going can have cleared its watchers.
         assert runner.is_active(job.id)
         assert not runner._watchers, runner._watchers

@@ -17,16 +17,8 @@ import schemathesis
 from hypothesis import HealthCheck, given, settings
 from schemathesis import GenerationMode
 
-from http_rel_helpers import start_live, stop_leftovers
-from twistnet.http.openapi import ROUTES
-
-
-@pytest.fixture(scope="module", autouse=True)
-def no_server_left_behind():
-    """A test that fails before stopping its server does not leave it running past the module."""
-    yield
-    stop_leftovers()
-
+from http_rel_helpers import start_live
+from twistnet.http.api import ROUTES
 
 TOKEN = "schemathesis-token"
 #: Examples per operation: 8 operations (9 with methods) x this stays well under 30 s.
@@ -81,7 +73,7 @@ def _call(case) -> None:
     case.validate_response(response, checks=checks)
 
 
-OPERATIONS = [(path, method) for path, methods in ROUTES for method in methods]
+OPERATIONS = [(route.template, route.method) for route in ROUTES.documented()]
 #: Operations with a query or a body that negative (schema-violating) data can go into; a
 #: path id is any string, so negating it is impossible.
 WITH_INPUT = [("/jobs", "GET"), ("/jobs", "POST"), ("/jobs/{id}/log", "GET")]

@@ -17,17 +17,9 @@ from pathlib import Path
 import pytest
 
 from helpers import make_certificate, run_twistd
-from http_rel_helpers import assert_json_error, start_live, stop_leftovers
-from twistnet.http import web
+from http_rel_helpers import assert_json_error, start_live
+from twistnet.http import api
 from twistnet.http.runner import OUTPUT_HEAD, OUTPUT_TAIL
-
-
-@pytest.fixture(scope="module", autouse=True)
-def no_server_left_behind():
-    """A test that fails before stopping its server does not leave it running past the module."""
-    yield
-    stop_leftovers()
-
 
 TOKEN = "s3cr3t-T0ken-for-the-security-tests"
 
@@ -181,7 +173,7 @@ def test_bodies_over_max_body_are_413(live):
 
 
 def test_the_token_is_compared_in_constant_time(live):
-    source = inspect.getsource(web.JobApi._authorize)
+    source = inspect.getsource(api.JobApi._authorize)
     assert "hmac.compare_digest(" in source and "==" not in source
     wrong = {
         "equal length": "Bearer " + "x" * len(TOKEN),

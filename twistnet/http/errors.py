@@ -11,6 +11,15 @@ from typing import Any
 
 from twisted.web import http
 
+#: Reason phrases for the statuses twistnet sends that Twisted's table lacks (it would say
+#: "Unknown Status"): RFC 6585 added 429 after Twisted's table was written.
+_MISSING_PHRASES = {429: b"Too Many Requests"}
+
+
+def phrase(status: int) -> bytes:
+    """The reason phrase for C{status}."""
+    return _MISSING_PHRASES.get(status) or http.RESPONSES.get(status, b"Error")
+
 
 class ApiError(Exception):
     """An error response: HTTP C{status}, a short C{error}, a sentence of C{detail}."""
@@ -36,6 +45,5 @@ def raw_response(status: int, error: str, detail: str, extra: bytes = b"") -> by
     body = error_body(error, detail)
     return (
         b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
-        b"Connection: close\r\n%s\r\n%s"
-        % (status, http.RESPONSES.get(status, b"Error"), len(body), extra, body)
+        b"Connection: close\r\n%s\r\n%s" % (status, phrase(status), len(body), extra, body)
     )

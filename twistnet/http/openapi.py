@@ -1,9 +1,10 @@
 """
 The OpenAPI 3.1 document of the twistnet-http API, served at ``/openapi.json``.
 
-It is written by hand next to the routes it describes (L{ROUTES} is the list the web
-resource dispatches on, so a route cannot be served without being documented), and the
-tools' parameter schemas are filled in from the running catalogue.
+Each operation is written by hand here; which of them the document lists comes from the
+API's route table (L{twistnet.http.routing}), the one the resource dispatches on, so a
+route cannot be served without being documented. The tools' parameter schemas are filled
+in from the running catalogue.
 """
 
 from __future__ import annotations
@@ -13,17 +14,7 @@ from typing import Any
 
 from twistnet import __version__
 from twistnet.http.model import STATUSES, Tool
-
-#: Every route: (path template, methods). The web resource serves exactly these.
-ROUTES: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("/jobs", ("GET", "POST")),
-    ("/jobs/{id}", ("GET", "DELETE")),
-    ("/jobs/{id}/log", ("GET",)),
-    ("/tools", ("GET",)),
-    ("/openapi.json", ("GET",)),
-    ("/healthz", ("GET",)),
-    ("/metrics", ("GET",)),
-)
+from twistnet.http.routing import RouteTable
 
 _REF = "#/components/schemas/"
 _ERROR_PHRASES = {
@@ -92,12 +83,11 @@ def _job_schema(with_output: bool) -> dict[str, Any]:
     return {"type": "object", "required": list(properties), "properties": properties}
 
 
-def document(tools: Iterable[Tool], token_required: bool) -> dict[str, Any]:
-    """The OpenAPI document for this service, with its tools' parameter schemas."""
-    tools = list(tools)
+def operations(token_required: bool) -> dict[str, dict[str, Any]]:
+    """The path items written here, by path template; each holds one operation per method."""
     secured = [{"bearer": []}] if token_required else []
     auth_errors = ("401",) if token_required else ()
-    operations: dict[str, dict[str, Any]] = {
+    return {
         "/jobs": {
             "get": {
                 "operationId": "listJobs",
@@ -257,6 +247,19 @@ def document(tools: Iterable[Tool], token_required: bool) -> dict[str, Any]:
             }
         },
     }
+
+
+def document(tools: Iterable[Tool], token_required: bool, routes: RouteTable) -> dict[str, Any]:
+    """The OpenAPI document of the documented C{routes}, with the tools' parameter schemas."""
+    tools = list(tools)
+    written = operations(token_required)
+    paths: dict[str, dict[str, Any]] = {}
+    for declared in routes.documented():
+        item = written[declared.template]
+        path = paths.setdefault(
+            declared.template, {key: value for key, value in item.items() if key == "parameters"}
+        )
+        path[declared.method.lower()] = item[declared.method.lower()]
     tool_schemas = {
         tool.name: tool.describe()["params"] | {"title": f"params of {tool.name}"} for tool in tools
     }
@@ -325,7 +328,6 @@ def document(tools: Iterable[Tool], token_required: bool) -> dict[str, Any]:
     }
     if token_required:
         components["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
-    assert [path for path, _ in ROUTES] == list(operations), "ROUTES and the document differ"
     return {
         "openapi": "3.1.0",
         "info": {
@@ -334,6 +336,6 @@ def document(tools: Iterable[Tool], token_required: bool) -> dict[str, Any]:
             "description": "Submit a job for a declared tool, get its id at once, poll its "
             'JSON result. Every error is {"error": ..., "detail": ...}.',
         },
-        "paths": operations,
+        "paths": paths,
         "components": components,
     }

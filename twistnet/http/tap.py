@@ -30,6 +30,7 @@ from twistnet._tap import (
 )
 from twistnet.http._logging import LEVELS, set_level
 from twistnet.http._logging import observer as log_observer
+from twistnet.http.api import JobApi
 from twistnet.http.channel import (
     DEFAULT_MAX_BODY,
     DEFAULT_MAX_REQUESTS,
@@ -45,7 +46,6 @@ from twistnet.http.tools import (
     load_config,
     parse_tool_option,
 )
-from twistnet.http.web import JobApi
 
 log = Logger(observer=log_observer)
 
