@@ -21,6 +21,8 @@ from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTim
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
+from twistnet.log.rotation import batches
+
 #: How often a failed write (disk full, I/O error) is retried while clients are paused:
 #: often enough to resume promptly once space returns, rarely enough to cost nothing.
 RETRY_SECONDS = 1.0
@@ -187,7 +189,7 @@ class LogSink:
             return
         if self._pending:
             held, self._pending, self._pending_bytes = b"".join(self._pending), [], 0
-            rest = self._write_out(held)
+            rest = self._append(held)
             if rest:
                 self.log.critical(
                     "closing {path} with a write still failing: {count} received bytes lost",
@@ -211,13 +213,29 @@ class LogSink:
             self._pending.append(records)
             self._pending_bytes += len(records)
             return
-        if self._detached or (
-            self.rotate_bytes and self._size and self._size + len(records) > self.rotate_bytes
-        ):
-            self._maybe_rotate()
-        rest = self._write_out(records)
+        rest = self._append(records)
         if rest:
             self._block(rest)
+
+    def _append(self, records: bytes) -> bytes | memoryview | None:
+        """
+        Write C{records}, rotating wherever the file would pass --rotate-bytes: a burst is cut
+        into a few whole-line batches (L{batches}), not written line by line. Returns what
+        failed to go out.
+        """
+        if self._detached:
+            self._maybe_rotate()
+        limit = self.rotate_bytes
+        if not limit or self._size + len(records) <= limit:
+            return self._write_out(records)
+        parts = batches(records, limit - self._size if self._size else limit, limit)
+        for index, part in enumerate(parts):
+            if index and self._size:
+                self._maybe_rotate()
+            rest = self._write_out(part) if part else None
+            if rest:
+                return b"".join([rest, *parts[index + 1 :]])
+        return None
 
     def _write_out(self, data: bytes) -> memoryview | None:
         """Write all of C{data}, looping on partial writes; returns what failed to go out."""
@@ -270,9 +288,7 @@ class LogSink:
         self._retry_call = None
         held = b"".join(self._pending)
         self._pending, self._pending_bytes = [], 0
-        if self._detached:
-            self._maybe_rotate()
-        rest = self._write_out(held)
+        rest = self._append(held)
         now = self.clock.seconds()
         if rest:
             self._pending = [bytes(rest)]
