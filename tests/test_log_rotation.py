@@ -12,7 +12,7 @@ from twisted.internet import task
 from twisted.internet.testing import StringTransport
 
 from twistnet.log.protocol import LineLogFactory
-from twistnet.log.rotation import batches
+from twistnet.log.rotation import RotationNames, batches
 from twistnet.log.sink import LogSink
 
 LIMIT = 1024
@@ -88,3 +88,29 @@ def test_batches_rejoin_to_the_input_and_pass_the_limit_only_by_a_lone_line(line
         space = room if index == 0 else limit
         if part and len(part) > space:
             assert space == limit and part.count(b"\n") == 1, "only a lone line in a fresh file"
+
+
+def test_rotation_names_continue_the_highest_sequence_found_and_ignore_strangers():
+    names = RotationNames(
+        "/logs/lines.log",
+        keep=5,
+        existing=["lines.log", "lines.log.000002", "lines.log.000010", "lines.log.old", "x.log.7"],
+    )
+    assert names.next_sequence == 11
+    assert names.files() == ["/logs/lines.log.000002", "/logs/lines.log.000010"]
+    assert names.name(11) == "/logs/lines.log.000011"
+
+
+def test_rotation_names_prune_the_oldest_beyond_keep():
+    names = RotationNames("/logs/lines.log", keep=2)
+    assert names.rotated(1) == []
+    assert names.rotated(2) == []
+    assert names.rotated(4) == ["/logs/lines.log.000001"]
+    assert names.next_sequence == 5
+    assert names.files() == ["/logs/lines.log.000002", "/logs/lines.log.000004"]
+
+
+def test_rotation_names_with_keep_zero_delete_each_rotated_file_at_once():
+    names = RotationNames("/logs/lines.log", keep=0)
+    assert names.rotated(1) == ["/logs/lines.log.000001"]
+    assert names.files() == []

@@ -23,8 +23,9 @@ from twistnet._tap import (
     non_negative_float,
     non_negative_int,
 )
+from twistnet.log.formats import FORMATS
 from twistnet.log.protocol import DEFAULT_MAX_LINE, LineLogFactory
-from twistnet.log.sink import FORMATS, LogSink
+from twistnet.log.sink import LogSink
 
 log = Logger()
 
