@@ -82,12 +82,18 @@ class LogSink:
         self._fsync_loop: LoopingCall | None = None
         self.bytes_written = 0
         self.rotations = 0
+        #: Whether L{open} created the file (rather than appending to one that existed).
+        self.created = False
 
     # --- lifecycle ---------------------------------------------------------------------------
 
     def open(self) -> None:
         """Open (or create) the file; raises C{OSError} when it cannot be opened."""
-        self._fd = os.open(self.path, OPEN_FLAGS, FILE_MODE)
+        try:
+            self._fd = os.open(self.path, OPEN_FLAGS | os.O_EXCL, FILE_MODE)
+            self.created = True
+        except FileExistsError:
+            self._fd = os.open(self.path, OPEN_FLAGS, FILE_MODE)
         self._size = os.fstat(self._fd).st_size
         try:
             existing = os.listdir(os.path.dirname(self.path))
@@ -121,6 +127,23 @@ class LogSink:
         self.sync()
         os.close(self._fd)
         self._fd = -1
+
+    def abandon(self) -> None:
+        """
+        Close without a trace when the service could not start (its port was busy): a file
+        that L{open} created and nothing was written to is removed again.
+        """
+        if self._fd < 0:
+            return
+        self.close()
+        if self.created and self.bytes_written == 0 and self.rotations == 0:
+            try:
+                if os.stat(self.path).st_size == 0:
+                    os.unlink(self.path)
+            except OSError as error:
+                self.log.error(
+                    "cannot remove the unused {path}: {error}", path=self.path, error=error
+                )
 
     # --- writing -----------------------------------------------------------------------------
 

@@ -2,7 +2,8 @@
 The twistd face of twistnet-log: options and the service tree.
 
 The log file is opened while the service is built, so a path that cannot be opened ends
-twistd with one line and a non-zero status before anything listens.
+twistd with one line and a non-zero status before anything listens; a file created then is
+removed again if no port can be bound.
 """
 
 from __future__ import annotations
@@ -157,6 +158,21 @@ class LogService(Service):
         return closed
 
 
+class LogRoot(ServiceRoot):
+    """The service root that removes the log file it created when no port could be bound."""
+
+    def __init__(self, sink: LogSink, reactor=None) -> None:
+        super().__init__(SERVICE_NAME, reactor)
+        self.sink = sink
+
+    def privilegedStartService(self) -> None:
+        try:
+            super().privilegedStartService()
+        except BaseException:
+            self.sink.abandon()
+            raise
+
+
 def _reopen_on_signals(reactor, sink: LogSink) -> None:
     """SIGHUP and SIGUSR1 reopen the file; a handler twistd installed first still runs."""
     for signum in (signal.SIGHUP, signal.SIGUSR1):
@@ -198,7 +214,7 @@ def makeService(options: usage.Options, reactor=None) -> MultiService:
         max_connections=options["max-connections"],
         idle_timeout=options["idle-timeout"],
     )
-    top = ServiceRoot(SERVICE_NAME, reactor)
+    top = LogRoot(sink, reactor)
     # Added first, so it stops last: after the listeners stop accepting.
     LogService(sink, factory.registry, signals=reactor is None).setServiceParent(top)
     listening_services(SERVICE_NAME, options.endpoint_descriptions(), factory, reactor, top)
