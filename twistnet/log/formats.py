@@ -29,6 +29,17 @@ class RawFormat:
             return b"%s [truncated: line of %d bytes]\n" % (text, length)
         return text + b"\n"
 
+    def message(
+        self, text: bytes, peer: str, *, length: int | None = None, unterminated: bool = False
+    ) -> bytes:
+        """
+        The record of a message that may hold LFs (a syslog frame, a datagram): a backslash
+        becomes C{\\\\} and an LF C{\\n}, so one message stays one line and stays readable.
+        """
+        if b"\\" in text or b"\n" in text:
+            text = text.replace(b"\\", b"\\\\").replace(b"\n", b"\\n")
+        return self.line(text, peer, length=length, unterminated=unterminated)
+
 
 class JsonFormat:
     """
@@ -76,6 +87,9 @@ class JsonFormat:
         if unterminated:
             record["unterminated"] = True
         return (json.dumps(record, ensure_ascii=False, separators=(",", ":")) + "\n").encode()
+
+    #: JSON escapes an LF inside a message natively.
+    message = line
 
 
 FORMATS = ("raw", "json")

@@ -25,6 +25,7 @@ from twistnet._tap import (
     non_negative_int,
 )
 from twistnet.log.formats import FORMATS
+from twistnet.log.framing import FRAMINGS
 from twistnet.log.protocol import DEFAULT_MAX_LINE, LineLogFactory
 from twistnet.log.sink import LogSink
 
@@ -68,6 +69,15 @@ def log_format(value: str) -> str:
 
 
 log_format.coerceDoc = "raw or json."  # type: ignore[attr-defined]
+
+
+def framing(value: str) -> str:
+    if value not in FRAMINGS:
+        raise ValueError(f"expected one of {', '.join(FRAMINGS)}, got {value!r}")
+    return value
+
+
+framing.coerceDoc = "auto, lines or octet-counted."  # type: ignore[attr-defined]
 
 
 class Options(ServiceOptions):
@@ -116,8 +126,16 @@ class Options(ServiceOptions):
             "max-line",
             None,
             DEFAULT_MAX_LINE,
-            "Longer lines are written truncated, with a marker.",
+            "Longer lines (and syslog frames) are written truncated, with a marker.",
             byte_size,
+        ],
+        [
+            "framing",
+            None,
+            "auto",
+            "lines: LF-terminated; octet-counted: RFC 6587 syslog frames (logger --octet-count); "
+            "auto: octet-counted if a connection starts with a length, a space and <PRI>.",
+            framing,
         ],
     ]
 
@@ -213,6 +231,7 @@ def makeService(options: usage.Options, reactor=None) -> MultiService:
         max_line=options["max-line"],
         max_connections=options["max-connections"],
         idle_timeout=options["idle-timeout"],
+        framing=options["framing"],
     )
     top = LogRoot(sink, reactor)
     # Added first, so it stops last: after the listeners stop accepting.
