@@ -23,11 +23,13 @@ from twistnet._tap import (
     listening_services,
     non_negative_float,
     non_negative_int,
+    port_number,
 )
 from twistnet.log.formats import FORMATS
 from twistnet.log.framing import FRAMINGS
 from twistnet.log.protocol import DEFAULT_MAX_LINE, LineLogFactory
 from twistnet.log.sink import LogSink
+from twistnet.log.udp import udp_service
 
 log = Logger()
 
@@ -129,6 +131,14 @@ class Options(ServiceOptions):
             "Longer lines (and syslog frames) are written truncated, with a marker.",
             byte_size,
         ],
+        [
+            "udp-port",
+            None,
+            None,
+            "Also log UDP datagrams received on this port, one line each (off unless given).",
+            port_number,
+        ],
+        ["udp-interface", None, "", "Interface for --udp-port (default: all)."],
         [
             "framing",
             None,
@@ -237,6 +247,10 @@ def makeService(options: usage.Options, reactor=None) -> MultiService:
     # Added first, so it stops last: after the listeners stop accepting.
     LogService(sink, factory.registry, signals=reactor is None).setServiceParent(top)
     listening_services(SERVICE_NAME, options.endpoint_descriptions(), factory, reactor, top)
+    if options["udp-port"] is not None:
+        udp_service(
+            sink, options["max-line"], options["udp-port"], options["udp-interface"], reactor
+        ).setServiceParent(top)
     log.info(
         "{service} appending {kind} lines to {path}",
         service=SERVICE_NAME,
