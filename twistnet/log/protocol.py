@@ -1,6 +1,6 @@
 """
-One client connection of twistnet-log: split received chunks into lines and hand the
-complete ones to the shared L{LogSink}.
+One client connection of twistnet-log: split received chunks into lines (or RFC 6587 frames,
+decoded by L{twistnet.log.framing}) and hand the complete ones to the shared L{LogSink}.
 
 Chunks are split whole, never line by line in Python: the complete lines of a chunk (up to
 its last LF) go to the sink as one block, so the cost per chunk is a few C-level scans and

@@ -2,10 +2,11 @@
 The log file every connection of twistnet-log shares: durable appends, rotation,
 reopening, periodic fsync and backpressure when the disk refuses a write.
 
-Each call to L{LogSink.write} carries the complete lines of one received chunk and hands
+Each call to L{LogSink.write} carries the complete records of one received chunk and hands
 them to the OS at once with a single C{os.write} on an C{O_APPEND} descriptor (looping only
-on a partial write): nothing waits in a Python buffer, so a killed process loses nothing it
-had received, and lines from different connections never interleave inside a line.
+on a partial write; a burst that crosses --rotate-bytes is cut into a few such writes):
+nothing waits in a Python buffer, so a killed process loses nothing it had received, and
+lines from different connections never interleave inside a line.
 """
 
 from __future__ import annotations

@@ -90,6 +90,8 @@ class Options(ServiceOptions):
         "Appends every line clients send (LF or CR LF terminated; a final line without newline "
         "too) to a log file, handed to the OS as soon as it arrives. Listens on TCP port "
         f"{DEFAULT_PORT} on all interfaces unless --port or --listen says otherwise. "
+        "Syslog's RFC 6587 octet-counted frames are recognised (--framing); --udp-port also "
+        "takes one line per datagram. "
         "SIGHUP or SIGUSR1 reopens the file (for logrotate); SIGTERM flushes and exits."
     )
     default_port = DEFAULT_PORT
