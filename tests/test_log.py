@@ -6,6 +6,7 @@ import errno
 import json
 import os
 import signal
+import socket
 import time
 from collections import Counter
 from datetime import datetime
@@ -609,6 +610,39 @@ def test_unopenable_file_is_refused_with_one_line_and_nonzero_exit(tmp_path, pat
     assert f"twistnet-log: cannot open log file {tmp_path}" in output
     assert reason in output
     assert "Traceback" not in output
+
+
+@pytest.fixture
+def busy_port():
+    """A port on 127.0.0.1 that something else is listening on."""
+    with socket.create_server(("127.0.0.1", 0)) as sock:
+        yield sock.getsockname()[1]
+
+
+def test_a_start_that_cannot_listen_leaves_no_new_file_behind(tmp_path, busy_port):
+    listen = f"tcp:{busy_port}:interface=127.0.0.1"
+    result = run_twistd("twistnet-log", "--listen", listen, "--file", "new.log", cwd=tmp_path)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert f"twistnet-log: cannot listen on 127.0.0.1:{busy_port}" in output
+    assert "Traceback" not in output
+    assert not (tmp_path / "new.log").exists()
+    (tmp_path / "old.log").write_bytes(b"")  # an empty file that was there is left alone
+    result = run_twistd("twistnet-log", "--listen", listen, "--file", "old.log", cwd=tmp_path)
+    assert result.returncode != 0
+    assert (tmp_path / "old.log").exists()
+
+
+def test_abandon_removes_only_an_unused_file_the_sink_created(tmp_path):
+    fresh = LogSink(str(tmp_path / "fresh.log"), clock=task.Clock())
+    fresh.open()
+    fresh.abandon()
+    assert not (tmp_path / "fresh.log").exists()
+    (tmp_path / "kept.log").write_bytes(b"earlier\n")
+    kept = LogSink(str(tmp_path / "kept.log"), clock=task.Clock())
+    kept.open()
+    kept.abandon()
+    assert (tmp_path / "kept.log").read_bytes() == b"earlier\n"
 
 
 @pytest.mark.parametrize("signum", [signal.SIGHUP, signal.SIGUSR1])

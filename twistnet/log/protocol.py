@@ -1,6 +1,6 @@
 """
-One client connection of twistnet-log: split received chunks into lines and hand the
-complete ones to the shared L{LogSink}.
+One client connection of twistnet-log: split received chunks into lines (or RFC 6587 frames,
+decoded by L{twistnet.log.framing}) and hand the complete ones to the shared L{LogSink}.
 
 Chunks are split whole, never line by line in Python: the complete lines of a chunk (up to
 its last LF) go to the sink as one block, so the cost per chunk is a few C-level scans and
@@ -13,6 +13,15 @@ from __future__ import annotations
 from twisted.logger import Logger
 
 from twistnet._connections import ManagedFactory, ManagedProtocol, peer_name
+from twistnet.log.framing import (
+    AUTO,
+    OCTET_COUNTED,
+    SNIFF_BYTES,
+    Frame,
+    OctetCountedDecoder,
+    sniff,
+    strip_line_end,
+)
 from twistnet.log.sink import LogSink
 
 #: The default --max-line: far above any honest log line, small enough that one client
@@ -38,7 +47,10 @@ def has_overlong_line(lines: bytes, max_line: int) -> bool:
 
 
 class LineLogProtocol(ManagedProtocol):
-    """Writes every line the client sends (and a final unterminated one) to the sink."""
+    """
+    Writes every line the client sends (and a final unterminated one) to the sink; or every
+    octet-counted frame, when the factory's framing says so or the first bytes look like one.
+    """
 
     sink: LogSink
     peer = "?"
@@ -50,14 +62,65 @@ class LineLogProtocol(ManagedProtocol):
     _dropped = 0
     #: Whether the last byte dropped was a CR (a trailing CR is not part of the line).
     _dropped_cr = False
+    #: Under --framing auto, the first bytes while they do not yet tell lines from frames.
+    _head = b""
+    _sniffing = False
+    #: The frame decoder, once the connection is octet-counted.
+    _frames: OctetCountedDecoder | None = None
 
     def connectionAdmitted(self) -> None:
         self.sink = self.factory.sink
         self.max_line = self.factory.max_line
         self.peer = peer_name(self.transport)
         self.sink.attach(self.transport)
+        if self.factory.framing == OCTET_COUNTED:
+            self._frames = OctetCountedDecoder(self.max_line)
+        self._sniffing = self.factory.framing == AUTO
 
     def dataReceived(self, data: bytes) -> None:
+        if self._frames is not None:
+            self._frames_received(data)
+        elif self._sniffing:
+            self._sniff(data)
+        else:
+            self._lines_received(data)
+
+    def _sniff(self, data: bytes) -> None:
+        head = self._head + data
+        framing = sniff(head[:SNIFF_BYTES])
+        if framing is None:
+            self._head = head
+            return
+        self._sniffing, self._head = False, b""
+        if framing == OCTET_COUNTED:
+            self._frames = OctetCountedDecoder(self.max_line)
+            self._frames_received(head)
+        else:
+            self._lines_received(head)
+
+    def _frames_received(self, data: bytes) -> None:
+        decoder = self._frames
+        frames = decoder.feed(data)
+        if frames:
+            self.spoke()
+            self.sink.write(b"".join(map(self._frame_record, frames)))
+        if decoder.error is not None:
+            self.factory.log.warn(
+                "closing {peer}: {error} (octet-counted framing, RFC 6587)",
+                peer=self.peer,
+                error=decoder.error,
+            )
+            self.close()
+
+    def _frame_record(self, frame: Frame) -> bytes:
+        fmt = self.sink.format
+        if frame.truncated:
+            self._count_truncation(frame.length)
+            return fmt.message(frame.text, self.peer, length=frame.length)
+        text = strip_line_end(frame.text) if frame.complete else frame.text
+        return fmt.message(text, self.peer, unterminated=not frame.complete)
+
+    def _lines_received(self, data: bytes) -> None:
         records = b""
         if self._kept is not None:
             newline = data.find(b"\n")
@@ -140,6 +203,13 @@ class LineLogProtocol(ManagedProtocol):
         self._write_final_line()
 
     def _write_final_line(self) -> None:
+        if self._frames is not None:
+            frame = self._frames.finish()
+            if frame is not None:
+                self.sink.write(self._frame_record(frame))
+            return
+        if self._head:
+            self._partial, self._head = self._head, b""
         if self._kept is not None:
             self.sink.write(self._truncated_record(unterminated=True))
         elif self._partial:
@@ -167,8 +237,10 @@ class LineLogFactory(ManagedFactory):
         max_line: int = DEFAULT_MAX_LINE,
         max_connections: int = 0,
         idle_timeout: float = 0.0,
+        framing: str = AUTO,
     ) -> None:
         super().__init__(max_connections, idle_timeout, sink.clock)
         self.sink = sink
         self.max_line = max_line
+        self.framing = framing
         self.truncated = 0

@@ -1,32 +1,28 @@
 """
-The log file every connection of twistnet-log shares: formatting, durable appends, rotation,
+The log file every connection of twistnet-log shares: durable appends, rotation,
 reopening, periodic fsync and backpressure when the disk refuses a write.
 
-Each call to L{LogSink.write} carries the complete lines of one received chunk and hands
+Each call to L{LogSink.write} carries the complete records of one received chunk and hands
 them to the OS at once with a single C{os.write} on an C{O_APPEND} descriptor (looping only
-on a partial write): nothing waits in a Python buffer, so a killed process loses nothing it
-had received, and lines from different connections never interleave inside a line.
+on a partial write; a burst that crosses --rotate-bytes is cut into a few such writes):
+nothing waits in a Python buffer, so a killed process loses nothing it had received, and
+lines from different connections never interleave inside a line.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import re
-import time
 from collections.abc import Callable
-from json.encoder import encode_basestring
 
 from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
-#: How often a failed write (disk full, I/O error) is retried while clients are paused:
-#: often enough to resume promptly once space returns, rarely enough to cost nothing.
-RETRY_SECONDS = 1.0
+from twistnet.log.formats import make_format
+from twistnet.log.retry import RETRY_SECONDS, WriteRetry
+from twistnet.log.rotation import RotationNames, batches
 
-#: How often a write failure that persists is logged again: loud, but not a log flood.
-REPEAT_LOG_SECONDS = 30.0
+__all__ = ["RETRY_SECONDS", "LogSink"]
 
 #: How long to wait before trying again after a rotation or reopen failed (an unwritable
 #: directory does not heal by itself within a second; each failure is logged).
@@ -38,79 +34,6 @@ FILE_MODE = 0o644
 OPEN_FLAGS = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
 
 Writer = Callable[[int, bytes | memoryview], int]
-
-
-class RawFormat:
-    """Each line exactly as sent (a trailing CR removed), one per line."""
-
-    name = "raw"
-
-    def chunk(self, lines: bytes, peer: str) -> bytes:
-        """Records for C{lines}: complete lines, each ending in LF, none over the limit."""
-        return lines
-
-    def line(
-        self, text: bytes, peer: str, *, length: int | None = None, unterminated: bool = False
-    ) -> bytes:
-        """The record of one line; C{length} is the size sent when C{text} is truncated."""
-        if length is not None:
-            return b"%s [truncated: line of %d bytes]\n" % (text, length)
-        return text + b"\n"
-
-
-class JsonFormat:
-    """
-    One JSON object per line: C{time} (UTC ISO-8601, when the chunk arrived), C{peer}, C{text};
-    C{invalid_utf8}, C{truncated} with C{length}, and C{unterminated} only when they apply.
-    Invalid UTF-8 is backslash-escaped (C{\\xff}), never fatal.
-    """
-
-    name = "json"
-
-    def __init__(self, clock: IReactorTime) -> None:
-        self._clock = clock
-        self._second = -1
-        self._stamp = ""
-
-    def _timestamp(self) -> str:
-        now = self._clock.seconds()
-        second = int(now)
-        if second != self._second:
-            self._second = second
-            self._stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
-        return f"{self._stamp}.{int((now - second) * 1000):03d}Z"
-
-    def chunk(self, lines: bytes, peer: str) -> bytes:
-        try:
-            text = lines.decode("utf-8")
-        except UnicodeDecodeError:
-            return b"".join(self.line(line, peer) for line in lines[:-1].split(b"\n"))
-        prefix = f'{{"time":"{self._timestamp()}","peer":{encode_basestring(peer)},"text":'
-        encode = encode_basestring
-        return "".join([f"{prefix}{encode(line)}}}\n" for line in text[:-1].split("\n")]).encode()
-
-    def line(
-        self, text: bytes, peer: str, *, length: int | None = None, unterminated: bool = False
-    ) -> bytes:
-        record: dict[str, object] = {"time": self._timestamp(), "peer": peer}
-        try:
-            record["text"] = text.decode("utf-8")
-        except UnicodeDecodeError:
-            record["text"] = text.decode("utf-8", "backslashreplace")
-            record["invalid_utf8"] = True
-        if length is not None:
-            record["truncated"] = True
-            record["length"] = length
-        if unterminated:
-            record["unterminated"] = True
-        return (json.dumps(record, ensure_ascii=False, separators=(",", ":")) + "\n").encode()
-
-
-FORMATS = ("raw", "json")
-
-
-def make_format(name: str, clock: IReactorTime) -> RawFormat | JsonFormat:
-    return JsonFormat(clock) if name == "json" else RawFormat()
 
 
 class LogSink:
@@ -141,6 +64,7 @@ class LogSink:
         self.format = make_format(format, self.clock)
         self.rotate_bytes = rotate_bytes
         self.keep = keep
+        self.names = RotationNames(self.path, keep)
         self.fsync_interval = fsync_interval
         self._writer = writer
         self._fd = -1
@@ -149,12 +73,9 @@ class LogSink:
         #: the next write after the retry time opens C{path} again.
         self._detached = False
         self._retry_rotation_at = 0.0
-        self._rotated: list[int] = []
-        self._next_sequence = 1
         self._pending: list[bytes] = []
         self._pending_bytes = 0
-        self._blocked_since = 0.0
-        self._last_complaint = 0.0
+        self._outage = WriteRetry()
         self._retry_call: IDelayedCall | None = None
         self._producers: set[IPushProducer] = set()
         self._dirty = False
@@ -162,15 +83,24 @@ class LogSink:
         self._fsync_loop: LoopingCall | None = None
         self.bytes_written = 0
         self.rotations = 0
+        #: Whether L{open} created the file (rather than appending to one that existed).
+        self.created = False
 
     # --- lifecycle ---------------------------------------------------------------------------
 
     def open(self) -> None:
         """Open (or create) the file; raises C{OSError} when it cannot be opened."""
-        self._fd = os.open(self.path, OPEN_FLAGS, FILE_MODE)
+        try:
+            self._fd = os.open(self.path, OPEN_FLAGS | os.O_EXCL, FILE_MODE)
+            self.created = True
+        except FileExistsError:
+            self._fd = os.open(self.path, OPEN_FLAGS, FILE_MODE)
         self._size = os.fstat(self._fd).st_size
-        self._rotated = self._existing_rotations()
-        self._next_sequence = (self._rotated[-1] + 1) if self._rotated else 1
+        try:
+            existing = os.listdir(os.path.dirname(self.path))
+        except OSError:
+            existing = []
+        self.names = RotationNames(self.path, self.keep, existing)
         if self.fsync_interval > 0:
             self._fsync_loop = LoopingCall(self.sync)
             self._fsync_loop.clock = self.clock
@@ -187,7 +117,7 @@ class LogSink:
             return
         if self._pending:
             held, self._pending, self._pending_bytes = b"".join(self._pending), [], 0
-            rest = self._write_out(held)
+            rest = self._append(held)
             if rest:
                 self.log.critical(
                     "closing {path} with a write still failing: {count} received bytes lost",
@@ -198,6 +128,23 @@ class LogSink:
         self.sync()
         os.close(self._fd)
         self._fd = -1
+
+    def abandon(self) -> None:
+        """
+        Close without a trace when the service could not start (its port was busy): a file
+        that L{open} created and nothing was written to is removed again.
+        """
+        if self._fd < 0:
+            return
+        self.close()
+        if self.created and self.bytes_written == 0 and self.rotations == 0:
+            try:
+                if os.stat(self.path).st_size == 0:
+                    os.unlink(self.path)
+            except OSError as error:
+                self.log.error(
+                    "cannot remove the unused {path}: {error}", path=self.path, error=error
+                )
 
     # --- writing -----------------------------------------------------------------------------
 
@@ -211,13 +158,29 @@ class LogSink:
             self._pending.append(records)
             self._pending_bytes += len(records)
             return
-        if self._detached or (
-            self.rotate_bytes and self._size and self._size + len(records) > self.rotate_bytes
-        ):
-            self._maybe_rotate()
-        rest = self._write_out(records)
+        rest = self._append(records)
         if rest:
             self._block(rest)
+
+    def _append(self, records: bytes) -> bytes | memoryview | None:
+        """
+        Write C{records}, rotating wherever the file would pass --rotate-bytes: a burst is cut
+        into a few whole-line batches (L{batches}), not written line by line. Returns what
+        failed to go out.
+        """
+        if self._detached:
+            self._maybe_rotate()
+        limit = self.rotate_bytes
+        if not limit or self._size + len(records) <= limit:
+            return self._write_out(records)
+        parts = batches(records, limit - self._size if self._size else limit, limit)
+        for index, part in enumerate(parts):
+            if index and self._size:
+                self._maybe_rotate()
+            rest = self._write_out(part) if part else None
+            if rest:
+                return b"".join([rest, *parts[index + 1 :]])
+        return None
 
     def _write_out(self, data: bytes) -> memoryview | None:
         """Write all of C{data}, looping on partial writes; returns what failed to go out."""
@@ -250,10 +213,10 @@ class LogSink:
         self.bytes_written -= done
         return memoryview(data)
 
-    def _block(self, rest: memoryview) -> None:
+    def _block(self, rest: bytes | memoryview) -> None:
         self._pending = [bytes(rest)]
         self._pending_bytes = len(rest)
-        self._blocked_since = self._last_complaint = self.clock.seconds()
+        self._outage.failed(self.clock.seconds())
         self.log.critical(
             "cannot write to {path}: {error}; holding {held} bytes in memory, "
             "pausing reading from {clients} clients, retrying every {retry}s",
@@ -261,39 +224,36 @@ class LogSink:
             error=_describe(self._last_error),
             held=self._pending_bytes,
             clients=len(self._producers),
-            retry=RETRY_SECONDS,
+            retry=self._outage.interval,
         )
         _each(self._producers, "pauseProducing")
-        self._retry_call = self.clock.callLater(RETRY_SECONDS, self._retry)
+        self._retry_call = self.clock.callLater(self._outage.interval, self._retry)
 
     def _retry(self) -> None:
         self._retry_call = None
         held = b"".join(self._pending)
         self._pending, self._pending_bytes = [], 0
-        if self._detached:
-            self._maybe_rotate()
-        rest = self._write_out(held)
+        rest = self._append(held)
         now = self.clock.seconds()
         if rest:
             self._pending = [bytes(rest)]
             self._pending_bytes = len(rest)
-            if now - self._last_complaint >= REPEAT_LOG_SECONDS:
-                self._last_complaint = now
+            if self._outage.failed(now):
                 self.log.critical(
                     "still cannot write to {path} after {seconds:.0f}s: {error}; "
                     "holding {held} bytes, clients still paused",
                     path=self.path,
-                    seconds=now - self._blocked_since,
+                    seconds=self._outage.elapsed(now),
                     error=_describe(self._last_error),
                     held=self._pending_bytes,
                 )
-            self._retry_call = self.clock.callLater(RETRY_SECONDS, self._retry)
+            self._retry_call = self.clock.callLater(self._outage.interval, self._retry)
             return
         self.log.warn(
             "writing to {path} again after {seconds:.1f}s: {held} held bytes written, "
             "resuming reading from {clients} clients",
             path=self.path,
-            seconds=now - self._blocked_since,
+            seconds=self._outage.succeeded(now),
             held=len(held),
             clients=len(self._producers),
         )
@@ -321,21 +281,9 @@ class LogSink:
 
     # --- rotation and reopening --------------------------------------------------------------
 
-    def rotated_path(self, sequence: int) -> str:
-        return f"{self.path}.{sequence:06d}"
-
     def rotated_files(self) -> list[str]:
         """The rotated files this sink knows of, oldest first."""
-        return [self.rotated_path(sequence) for sequence in self._rotated]
-
-    def _existing_rotations(self) -> list[int]:
-        directory, base = os.path.split(self.path)
-        pattern = re.compile(re.escape(base) + r"\.(\d+)")
-        try:
-            names = os.listdir(directory)
-        except OSError:
-            return []
-        return sorted(int(m.group(1)) for m in map(pattern.fullmatch, names) if m)
+        return self.names.files()
 
     def _maybe_rotate(self) -> None:
         if self.clock.seconds() < self._retry_rotation_at:
@@ -343,10 +291,10 @@ class LogSink:
         if self._detached:
             self._reopen("the earlier failure")
             return
-        sequence = self._next_sequence
-        while os.path.exists(self.rotated_path(sequence)):
-            sequence += 1
-        target = self.rotated_path(sequence)
+        sequence = self.names.next_sequence
+        while os.path.exists(self.names.name(sequence)):
+            sequence += 1  # a name taken by someone else's file
+        target = self.names.name(sequence)
         try:
             os.rename(self.path, target)
         except OSError as error:
@@ -356,13 +304,12 @@ class LogSink:
                 target=target,
             )
             return
-        self._next_sequence = sequence + 1
-        self._rotated.append(sequence)
+        doomed = self.names.rotated(sequence)
         self.rotations += 1
         # Until the new file is open, lines keep going to the renamed one: nothing is lost.
         self._detached = True
         self._reopen(f"rotation to {target}")
-        self._prune()
+        self._remove(doomed)
 
     def _postpone(self, message: str, error: OSError, **fields: object) -> None:
         """Log a rotation or reopen failure loudly; the next attempt waits a while."""
@@ -375,15 +322,14 @@ class LogSink:
             **fields,
         )
 
-    def _prune(self) -> None:
-        while len(self._rotated) > self.keep:
-            oldest = self.rotated_path(self._rotated.pop(0))
+    def _remove(self, paths: list[str]) -> None:
+        for path in paths:
             try:
-                os.unlink(oldest)
+                os.unlink(path)
             except FileNotFoundError:
                 pass
             except OSError as error:
-                self.log.error("cannot remove old log {path}: {error}", path=oldest, error=error)
+                self.log.error("cannot remove old log {path}: {error}", path=path, error=error)
 
     def reopen(self) -> None:
         """Open C{path} afresh (after an external rename by logrotate); SIGHUP and SIGUSR1."""

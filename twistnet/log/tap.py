@@ -2,7 +2,8 @@
 The twistd face of twistnet-log: options and the service tree.
 
 The log file is opened while the service is built, so a path that cannot be opened ends
-twistd with one line and a non-zero status before anything listens.
+twistd with one line and a non-zero status before anything listens; a file created then is
+removed again if no port can be bound.
 """
 
 from __future__ import annotations
@@ -22,9 +23,13 @@ from twistnet._tap import (
     listening_services,
     non_negative_float,
     non_negative_int,
+    port_number,
 )
+from twistnet.log.formats import FORMATS
+from twistnet.log.framing import FRAMINGS
 from twistnet.log.protocol import DEFAULT_MAX_LINE, LineLogFactory
-from twistnet.log.sink import FORMATS, LogSink
+from twistnet.log.sink import LogSink
+from twistnet.log.udp import udp_service
 
 log = Logger()
 
@@ -68,6 +73,15 @@ def log_format(value: str) -> str:
 log_format.coerceDoc = "raw or json."  # type: ignore[attr-defined]
 
 
+def framing(value: str) -> str:
+    if value not in FRAMINGS:
+        raise ValueError(f"expected one of {', '.join(FRAMINGS)}, got {value!r}")
+    return value
+
+
+framing.coerceDoc = "auto, lines or octet-counted."  # type: ignore[attr-defined]
+
+
 class Options(ServiceOptions):
     """twistd -n twistnet-log [--port 5140] [--file lines.log] [--format raw|json]"""
 
@@ -76,6 +90,8 @@ class Options(ServiceOptions):
         "Appends every line clients send (LF or CR LF terminated; a final line without newline "
         "too) to a log file, handed to the OS as soon as it arrives. Listens on TCP port "
         f"{DEFAULT_PORT} on all interfaces unless --port or --listen says otherwise. "
+        "Syslog's RFC 6587 octet-counted frames are recognised (--framing); --udp-port also "
+        "takes one line per datagram. "
         "SIGHUP or SIGUSR1 reopens the file (for logrotate); SIGTERM flushes and exits."
     )
     default_port = DEFAULT_PORT
@@ -114,8 +130,24 @@ class Options(ServiceOptions):
             "max-line",
             None,
             DEFAULT_MAX_LINE,
-            "Longer lines are written truncated, with a marker.",
+            "Longer lines (and syslog frames) are written truncated, with a marker.",
             byte_size,
+        ],
+        [
+            "udp-port",
+            None,
+            None,
+            "Also log UDP datagrams received on this port, one line each (off unless given).",
+            port_number,
+        ],
+        ["udp-interface", None, "", "Interface for --udp-port (default: all)."],
+        [
+            "framing",
+            None,
+            "auto",
+            "lines: LF-terminated; octet-counted: RFC 6587 syslog frames (logger --octet-count); "
+            "auto: octet-counted if a connection starts with a length, a space and <PRI>.",
+            framing,
         ],
     ]
 
@@ -154,6 +186,21 @@ class LogService(Service):
         closed = self.registry.close_all()
         closed.addBoth(lambda _: self.sink.close())
         return closed
+
+
+class LogRoot(ServiceRoot):
+    """The service root that removes the log file it created when no port could be bound."""
+
+    def __init__(self, sink: LogSink, reactor=None) -> None:
+        super().__init__(SERVICE_NAME, reactor)
+        self.sink = sink
+
+    def privilegedStartService(self) -> None:
+        try:
+            super().privilegedStartService()
+        except BaseException:
+            self.sink.abandon()
+            raise
 
 
 def _reopen_on_signals(reactor, sink: LogSink) -> None:
@@ -196,11 +243,16 @@ def makeService(options: usage.Options, reactor=None) -> MultiService:
         max_line=options["max-line"],
         max_connections=options["max-connections"],
         idle_timeout=options["idle-timeout"],
+        framing=options["framing"],
     )
-    top = ServiceRoot(SERVICE_NAME, reactor)
+    top = LogRoot(sink, reactor)
     # Added first, so it stops last: after the listeners stop accepting.
     LogService(sink, factory.registry, signals=reactor is None).setServiceParent(top)
     listening_services(SERVICE_NAME, options.endpoint_descriptions(), factory, reactor, top)
+    if options["udp-port"] is not None:
+        udp_service(
+            sink, options["max-line"], options["udp-port"], options["udp-interface"], reactor
+        ).setServiceParent(top)
     log.info(
         "{service} appending {kind} lines to {path}",
         service=SERVICE_NAME,
