@@ -274,6 +274,18 @@ def test_twistd_echoes_a_udp_datagram(echo_server):
     assert addr == ("127.0.0.1", echo_server.udp_port)
 
 
+@pytest.mark.parametrize("size", [8193, 9000, 65507])
+def test_twistd_echoes_a_whole_large_udp_datagram(echo_server, size):
+    payload = bytes(range(256)) * (size // 256) + b"x" * (size % 256)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+        sock.settimeout(10)
+        sock.sendto(payload, ("127.0.0.1", echo_server.udp_port))
+        data, _ = sock.recvfrom(65535)
+    assert len(data) == size
+    assert data == payload
+
+
 def test_non_reading_client_is_paused_while_others_are_served(echo_server):
     """A client pushing 200 MB without reading must not grow the server; others get answers."""
     rss_before = echo_server.rss_kib()

@@ -1,22 +1,22 @@
 """
-twistnet-http over real TCP on 127.0.0.1 (in this process): one round trip of submit and
-get, and the channel and site policy (connection cap, body cap, request timeout). The API's
-answers themselves are tested in memory in test_http_api.py.
+twistnet-http over real TCP on 127.0.0.1 (in this process): one smoke round trip of submit
+and get. The API's answers are tested in memory in test_http_api.py, the channel and site
+policy in test_http_channel.py, and the slowloris at the defaults over real sockets in
+test_http_reliability.py.
 """
 
 from __future__ import annotations
 
 import json
 import sqlite3
-import time
 
 import pytest
 import pytest_twisted
 import treq
-from twisted.internet import defer, threads
+from twisted.internet import defer
 from twisted.web.client import HTTPConnectionPool
 
-from helpers import connect, eventually, recv_until, recv_until_closed, wait_until
+from helpers import eventually
 from twistnet.http.api import JobApi
 from twistnet.http.channel import JobSite
 from twistnet.http.runner import LocalRunner
@@ -109,92 +109,3 @@ async def test_submit_is_durable_at_202_and_poll_gives_the_result(serve, tmp_pat
     assert job["status"] == "succeeded" and job["exit_code"] == 0
     assert job["output"] == "hello\n" and job["truncated"] is False
     assert job["duration"] >= 0 and job["finished_at"] >= job["started_at"] >= job["created_at"]
-
-
-@pytest_twisted.ensureDeferred
-async def test_bodies_over_max_body_are_413_declared_or_chunked(serve):
-    server = await serve(max_body=1000)
-
-    def exchange():
-        replies = []
-        for request in (
-            # Declared too large: refused at the headers, before any of the body is sent.
-            b"POST /jobs HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-            b"Content-Length: 5000\r\n\r\n",
-            # Nor is a client that asks first told to go on.
-            b"POST /jobs HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-            b"Expect: 100-continue\r\nContent-Length: 5000\r\n\r\n",
-            b"POST /jobs HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-            b"Transfer-Encoding: chunked\r\n\r\n"
-            + b"200\r\n"
-            + b" " * 0x200
-            + b"\r\n" * 1
-            + b"200\r\n"
-            + b" " * 0x200
-            + b"\r\n",
-        ):
-            with connect(server.port) as sock:
-                sock.sendall(request)
-                replies.append(recv_until_closed(sock))
-        return replies
-
-    replies = await threads.deferToThread(exchange)
-    assert len(replies) == 3
-    for reply in replies:
-        assert reply.startswith(b"HTTP/1.1 413 ")
-        assert b'"error":"request too large"' in reply
-
-
-@pytest_twisted.ensureDeferred
-async def test_max_connections_is_enforced_with_a_503(serve):
-    server = await serve(max_connections=2)
-
-    def crowd():
-        first, second = connect(server.port), connect(server.port)
-        # Both admitted (served) before the third arrives.
-        for sock in (first, second):
-            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
-            recv_until(sock, lambda data: data.endswith(b"}\n"))
-        with connect(server.port) as third:
-            refused = recv_until_closed(third)
-        first.close()
-        wait_until(lambda: len(server.site.registry) < 2)
-        with connect(server.port) as fourth:
-            fourth.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-            served = recv_until_closed(fourth)
-        second.close()
-        return refused, served
-
-    refused, served = await threads.deferToThread(crowd)
-    assert refused.startswith(b"HTTP/1.1 503 ") and b"Retry-After: 1" in refused
-    assert served.startswith(b"HTTP/1.1 200 ")
-
-
-@pytest_twisted.ensureDeferred
-async def test_trickled_headers_are_cut_off_by_the_request_timeout(serve):
-    server = await serve(request_timeout=1.0)
-
-    def slowloris():
-        started = time.monotonic()
-        with connect(server.port) as sock:
-            sock.sendall(b"GET /healthz HTTP/1.1\r\n")
-            received = b""
-            sock.settimeout(0.1)
-            for byte in b"X-Slow: " + b"a" * 100:
-                try:
-                    sock.sendall(bytes([byte]))
-                    received += sock.recv(4096)
-                    if received:
-                        break
-                except TimeoutError:
-                    continue
-                except (BrokenPipeError, ConnectionResetError):
-                    break
-            return received, time.monotonic() - started
-
-    slow = threads.deferToThread(slowloris)
-    # An honest client meanwhile is served as usual.
-    assert (await server.json("GET", "/healthz"))[0] == 200
-    received, elapsed = await slow
-    assert received.startswith(b"HTTP/1.1 408 "), received
-    assert 0.9 < elapsed < 6

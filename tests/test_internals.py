@@ -1,4 +1,6 @@
-"""Pin the behaviour of write_now, the write-through send every twistnet service uses."""
+"""Pin every private name of Twisted that twistnet uses (twistnet/_internals.py): write_now and
+the output probe, the HTTP channel's request flag and bad-request answer, endpoint parsing, and
+the exit signal twistd re-raises."""
 
 from __future__ import annotations
 
@@ -136,3 +138,77 @@ def test_pending_output_probe_reads_tcp_buffers_and_looks_below_wrappers():
     transport = StringTransport()
     transport.write(b"xyz")
     assert pending_output_probe(transport)() == 3
+
+
+# --- the other private names twistnet relies on: each fails if an upgrade removes it -------
+
+
+def test_http_channel_handling_request_flag_exists_and_tracks_a_request():
+    from twisted.internet.testing import MemoryReactorClock
+    from twisted.web import http, resource, server
+
+    from twistnet._internals import handling_request
+
+    class Hold(resource.Resource):
+        isLeaf = True
+
+        def render_GET(self, request):
+            return server.NOT_DONE_YET
+
+    site = server.Site(Hold(), reactor=MemoryReactorClock())
+    site.protocol = http.HTTPChannel
+    channel = site.buildProtocol(None)
+    channel.makeConnection(StringTransport())
+    assert handling_request(channel) is False
+    channel.dataReceived(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert handling_request(channel) is True
+    channel.connectionLost(ConnectionDone())
+
+
+def test_bad_request_hook_replaces_twisted_web_bare_400():
+    from twistnet._internals import JsonBadRequestChannel
+
+    class Channel(JsonBadRequestChannel):
+        said = False
+
+        def bad_request(self):
+            self.said = True
+            self.transport.loseConnection()
+
+    channel = Channel()
+    transport = StringTransport()
+    channel.makeConnection(transport)
+    channel.dataReceived(b"NOT HTTP\r\n\r\n")
+    assert channel.said and transport.value() == b""
+    # Without an override, twisted.web's own bare answer is still what it gives.
+    plain = JsonBadRequestChannel()
+    transport = StringTransport()
+    plain.makeConnection(transport)
+    plain.dataReceived(b"NOT HTTP\r\n\r\n")
+    assert transport.value().startswith(b"HTTP/1.1 400 Bad Request")
+
+
+def test_parse_description_tells_kind_and_interface():
+    from twistnet._internals import parse_description
+
+    args, kwargs = parse_description("tcp:80:interface=127.0.0.1")
+    assert (list(args), kwargs) == (["tcp", "80"], {"interface": "127.0.0.1"})
+    assert parse_description("unix:/tmp/x.sock")[0][0] == "unix"
+
+
+def test_sigterm_caught_by_twisted_is_forgotten_at_shutdown():
+    import signal
+
+    from twisted.internet.selectreactor import SelectReactor
+
+    from twistnet._internals import forget_sigterm_at_exit
+
+    reactor = SelectReactor()
+    try:
+        forget_sigterm_at_exit(reactor)
+        reactor.sigTerm(signal.SIGTERM, None)
+        assert reactor._exitSignal == signal.SIGTERM
+        reactor.fireSystemEvent("shutdown")
+        assert reactor._exitSignal is None
+    finally:
+        reactor.waker.connectionLost(None)

@@ -13,9 +13,10 @@ from twisted.logger import capturedLogs, formatEvent
 
 from helpers import wait_until
 from log_helpers import start_log_server
+from twistnet._tap import MAX_DATAGRAM
 from twistnet.log import Options
 from twistnet.log.sink import RETRY_SECONDS, LogSink
-from twistnet.log.udp import MAX_DATAGRAM, DatagramLogProtocol, DropCounter
+from twistnet.log.udp import DatagramLogProtocol, DropCounter
 
 PEER = ("127.0.0.1", 40000)
 

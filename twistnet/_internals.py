@@ -5,7 +5,8 @@ in C{tests/test_internals.py} that fails if a Twisted upgrade removes or renames
 The transports: write-through (L{write_now}) and the size of the unsent output
 (L{pending_output_probe}). twisted.web's channel: whether a request is being handled
 (L{handling_request}) and its answer to a malformed request (L{JsonBadRequestChannel}).
-Endpoint descriptions: their parsed kind and arguments (L{parse_description}).
+Endpoint descriptions: their parsed kind and arguments (L{parse_description}). The reactor:
+the signal twistd re-raises at exit (L{forget_sigterm_at_exit}).
 
 Write-through: send at once when nothing is queued.
 
@@ -21,6 +22,8 @@ gets a plain C{write}.
 """
 
 from __future__ import annotations
+
+import signal
 
 from twisted.internet import endpoints, tcp
 from twisted.internet.interfaces import IPushProducer, ITransport
@@ -158,10 +161,27 @@ class JsonBadRequestChannel(http.HTTPChannel):
         super()._respondToBadRequestAndDisconnect()
 
 
-def parse_description(description: str) -> tuple[tuple[str, ...], dict[str, str]]:
+def parse_description(description: str) -> tuple[list[str], dict[str, str]]:
     """
     A server endpoint description's positional and keyword arguments, without listening:
     no public API tells the interface a description will bind, and twistnet-http must refuse
     to listen publicly without a token before anything binds.
     """
     return endpoints._parse(description)
+
+
+def forget_sigterm_at_exit(reactor) -> None:
+    """
+    Once the reactor has shut down, forget a SIGTERM that Twisted's own handler caught, so
+    twistd exits 0 instead of re-raising it (status 143) for what was a clean stop.
+
+    twistnet installs its own SIGTERM handler before the reactor runs and again once it
+    runs; Twisted installs its handler in between, and a SIGTERM landing in that window
+    would otherwise still read as a crash to a supervisor.
+    """
+
+    def forget() -> None:
+        if getattr(reactor, "_exitSignal", None) == signal.SIGTERM:
+            reactor._exitSignal = None
+
+    reactor.addSystemEventTrigger("after", "shutdown", forget)

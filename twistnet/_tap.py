@@ -8,17 +8,21 @@ sockets and systemd socket activation come for free.
 
 from __future__ import annotations
 
+import functools
 import signal
 from collections.abc import Callable, Iterable
 
-from twisted.application import strports
+from twisted.application import internet, strports
 from twisted.application.service import MultiService
 from twisted.internet import defer, endpoints
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IStreamServerEndpoint
+from twisted.internet.protocol import DatagramProtocol
 from twisted.logger import Logger
 from twisted.python import usage
 from zope.interface import implementer
+
+from twistnet._internals import forget_sigterm_at_exit
 
 log = Logger()
 
@@ -59,14 +63,20 @@ def non_negative_int(value: str) -> int:
 non_negative_int.coerceDoc = "A whole number, 0 or more."  # type: ignore[attr-defined]
 
 
-def positive_int(value: str) -> int:
-    number = non_negative_int(value)
-    if number == 0:
-        raise ValueError("expected 1 or more, got 0")
-    return number
+def _not_zero(coerce: Callable[[str], int], doc: str) -> Callable[[str], int]:
+    """C{coerce}, refusing 0: for a limit where 0 would mean nothing gets through."""
+
+    def positive(value: str) -> int:
+        number = coerce(value)
+        if number == 0:
+            raise ValueError("expected 1 or more, got 0")
+        return number
+
+    positive.coerceDoc = doc  # type: ignore[attr-defined]
+    return positive
 
 
-positive_int.coerceDoc = "A whole number, 1 or more."  # type: ignore[attr-defined]
+positive_int = _not_zero(non_negative_int, "A whole number, 1 or more.")
 
 
 def non_negative_float(value: str) -> float:
@@ -80,6 +90,29 @@ def non_negative_float(value: str) -> float:
 
 
 non_negative_float.coerceDoc = "A number, 0 or more."  # type: ignore[attr-defined]
+
+
+#: Size suffixes, binary as operators expect of buffer and file sizes: 4K is 4,096 bytes.
+_UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3}
+
+
+def byte_size(value: str) -> int:
+    """Coerce a size in bytes, optionally with a K, M or G (binary) suffix."""
+    text = value.strip().upper().removesuffix("B").removesuffix("I")
+    unit = text[-1:] if text[-1:] in ("K", "M", "G") else ""
+    try:
+        number = int(text[: len(text) - len(unit)])
+    except ValueError:
+        raise ValueError(f"expected a size in bytes such as 65536 or 10M, got {value!r}") from None
+    if number < 0:
+        raise ValueError(f"expected a size of 0 or more, got {value!r}")
+    return number * _UNITS[unit]
+
+
+byte_size.coerceDoc = "Bytes, or with a K, M or G suffix."  # type: ignore[attr-defined]
+
+
+positive_byte_size = _not_zero(byte_size, "Bytes (1 or more), or with a K, M or G suffix.")
 
 
 class _EndpointCheckReactor:
@@ -113,9 +146,13 @@ class ServiceOptions(usage.Options):
         self["listen"] = []
 
     def opt_listen(self, description: str) -> None:
-        """Listen on a server endpoint description, e.g. tcp:7007:interface=127.0.0.1
-        or ssl:7443:privateKey=key.pem:certKey=cert.pem; repeatable, overrides --port."""
         self["listen"].append(check_endpoint(description))
+
+    # One line, as --help shows it (a docstring's indentation would show too).
+    opt_listen.__doc__ = (
+        "Listen on a server endpoint description, e.g. tcp:7007:interface=127.0.0.1 or "
+        "ssl:7443:privateKey=key.pem:certKey=cert.pem; repeatable, overrides --port."
+    )
 
     def opt_version(self) -> None:
         """Display the twistnet and Twisted versions and exit."""
@@ -143,14 +180,15 @@ def connection_options(default_max: int = DEFAULT_MAX_CONNECTIONS) -> list:
             "port",
             "p",
             None,
-            "TCP port to listen on (shorthand for --listen tcp:PORT).",
+            "TCP port to listen on (shorthand for --listen tcp:PORT)",
             port_number,
         ],
         [
             "max-connections",
             None,
             default_max,
-            "Most concurrent connections; the next one is told so and closed (0 = no cap).",
+            "Most open connections (0 = no cap). At the cap, the connection silent longest "
+            "(past a second) is closed to make room; if none is, the newcomer is turned away.",
             non_negative_int,
         ],
         [
@@ -169,6 +207,9 @@ class ServiceRoot(MultiService):
     permission) ends twistd with one clear line and a non-zero exit instead of a traceback.
     """
 
+    #: Set once every port is bound (early, in daemon mode: see L{for_twistd}).
+    _bound = False
+
     def __init__(self, name: str, reactor=None) -> None:
         super().__init__()
         self.service_name = name
@@ -184,18 +225,54 @@ class ServiceRoot(MultiService):
             reactor.callWhenRunning(_exit_zero_on_sigterm, reactor, self.service_name)
 
     def privilegedStartService(self) -> None:
+        if self._bound:
+            return
         if self._reactor is None:
             # From before the first port is bound, so a SIGTERM at any moment is a clean stop.
             from twisted.internet import reactor
 
             _exit_zero_on_sigterm(reactor, self.service_name)
+            forget_sigterm_at_exit(reactor)
         try:
             super().privilegedStartService()
         except CannotListenError as error:
-            where = f"{error.interface or 'all interfaces'}:{error.port}"
+            where = (
+                f"{error.interface}:{error.port}"
+                if error.interface
+                else f"port {error.port} (all interfaces)"
+            )
             raise SystemExit(
                 f"{self.service_name}: cannot listen on {where}: {error.socketError}"
             ) from None
+        self._bound = True
+
+
+def for_twistd(make_service: Callable[..., ServiceRoot]) -> Callable[..., ServiceRoot]:
+    """
+    Wraps a service's C{makeService} so that, when twistd will daemonize, every port is bound
+    at once, in the foreground.
+
+    twistd forks before it starts services, and a start-up failure after the fork never
+    reaches the terminal: its status pipe carries only an C{Exception} (shown as a bytes
+    repr), and the C{SystemExit} of a busy port is none, so the parent waited forever.
+    Bound here, a refusal is one readable line and exit status 1, before any pidfile or log
+    file exists; the ports are inherited by the daemon.
+    """
+
+    @functools.wraps(make_service)
+    def makeService(options: usage.Options, reactor=None) -> ServiceRoot:
+        root = make_service(options, reactor)
+        if reactor is None and _daemonizing(options):
+            root.privilegedStartService()
+        return root
+
+    return makeService
+
+
+def _daemonizing(options: usage.Options) -> bool:
+    """Whether twistd, whose subcommand C{options} are, will fork into the background."""
+    twistd = getattr(options, "parent", None)
+    return twistd is not None and not twistd.get("nodaemon", True)
 
 
 def _exit_zero_on_sigterm(reactor, name: str) -> None:
@@ -262,6 +339,29 @@ def listening_services(
         listener.endpoint = AnnouncingEndpoint(listener.endpoint, name, description)
         listener.setServiceParent(parent)
     return parent
+
+
+#: The largest UDP payload (65,507 bytes over IPv4) fits in 65,535: a datagram is read whole.
+#: Twisted's listenUDP reads only 8,192 bytes by default and silently cuts the rest.
+MAX_DATAGRAM = 65535
+
+
+def udp_options(what: str) -> list:
+    """The optParameters of a service that also reads UDP: --udp-port and --udp-interface."""
+    return [
+        ["udp-port", None, None, f"{what} (off unless given)", port_number],
+        ["udp-interface", None, None, "Interface for --udp-port (default: all)."],
+    ]
+
+
+def udp_service(
+    port: int, proto: DatagramProtocol, interface: str = "", reactor=None
+) -> internet.UDPServer:
+    """A UDP listener reading whole datagrams; binds (or fails) in privilegedStartService."""
+    service = internet.UDPServer(port, proto, interface=interface, maxPacketSize=MAX_DATAGRAM)
+    if reactor is not None:
+        service.reactor = reactor
+    return service
 
 
 def not_yet_available(issue: str) -> Callable[[usage.Options], MultiService]:

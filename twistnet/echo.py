@@ -10,7 +10,6 @@ without limit).
 
 from __future__ import annotations
 
-from twisted.application import internet
 from twisted.application.service import MultiService
 from twisted.internet import protocol
 from twisted.internet.interfaces import IHalfCloseableProtocol
@@ -24,8 +23,10 @@ from twistnet._tap import (
     ServiceOptions,
     ServiceRoot,
     connection_options,
+    for_twistd,
     listening_services,
-    port_number,
+    udp_options,
+    udp_service,
 )
 
 #: Not 7: binding below 1024 needs root, and a diagnostic should start as any user.
@@ -110,17 +111,11 @@ class Options(ServiceOptions):
     default_port = DEFAULT_PORT
     optParameters = [
         *connection_options(),
-        [
-            "udp-port",
-            None,
-            None,
-            "Also echo UDP datagrams on this port (off unless given).",
-            port_number,
-        ],
-        ["udp-interface", None, "", "Interface for --udp-port (default: all)."],
+        *udp_options("Also echo UDP datagrams on this port"),
     ]
 
 
+@for_twistd
 def makeService(options: usage.Options, reactor=None) -> MultiService:
     factory = EchoFactory(
         max_connections=options["max-connections"],
@@ -131,12 +126,8 @@ def makeService(options: usage.Options, reactor=None) -> MultiService:
     ConnectionCloser(factory.registry).setServiceParent(top)
     listening_services("twistnet-echo", options.endpoint_descriptions(), factory, reactor, top)
     if options["udp-port"] is not None:
-        udp = internet.UDPServer(
-            options["udp-port"],
-            EchoDatagram(),
-            interface=options["udp-interface"],
+        udp = udp_service(
+            options["udp-port"], EchoDatagram(), options["udp-interface"] or "", reactor
         )
-        if reactor is not None:
-            udp.reactor = reactor
         udp.setServiceParent(top)
     return top

@@ -9,10 +9,13 @@ from twistnet._connections import ConnectionCloser
 from twistnet._tap import (
     ServiceOptions,
     ServiceRoot,
+    byte_size,
     connection_options,
+    for_twistd,
     listening_services,
     non_negative_float,
     non_negative_int,
+    positive_byte_size,
     positive_int,
 )
 from twistnet.chat.protocol import ChatFactory, ChatLimits
@@ -59,7 +62,7 @@ class Options(ServiceOptions):
             None,
             _DEFAULTS.max_line,
             "Longest line in bytes; a longer one is refused with a message, the connection kept.",
-            positive_int,
+            positive_byte_size,
         ],
         [
             "rate",
@@ -82,7 +85,7 @@ class Options(ServiceOptions):
             _DEFAULTS.sendq,
             "Bytes that may wait unsent for a client that does not read before it is "
             "disconnected (0 = no cap).",
-            non_negative_int,
+            byte_size,
         ],
     ]
 
@@ -111,6 +114,7 @@ class ChatCloser(ConnectionCloser):
         return super().stopService()
 
 
+@for_twistd
 def makeService(options: usage.Options, reactor=None) -> MultiService:
     limits = ChatLimits(
         max_line=options["max-line"],

@@ -24,8 +24,10 @@ from twistnet._tap import (
     ServiceOptions,
     ServiceRoot,
     connection_options,
+    for_twistd,
     listening_services,
     non_negative_float,
+    positive_byte_size,
     positive_int,
 )
 from twistnet.http._logging import LEVELS, set_level
@@ -138,7 +140,7 @@ class Options(ServiceOptions):
             "Jobs that may wait; more are refused with 429.",
             positive_int,
         ],
-        ["max-body", None, DEFAULT_MAX_BODY, "Largest request body in bytes.", positive_int],
+        ["max-body", None, DEFAULT_MAX_BODY, "Largest request body in bytes.", positive_byte_size],
         ["db", None, DEFAULT_DB, "The SQLite job database; job output goes beside it."],
         [
             "keep-days",
@@ -147,7 +149,12 @@ class Options(ServiceOptions):
             "Forget finished jobs after this many days (0 = keep forever).",
             non_negative_float,
         ],
-        ["config", None, None, "A TOML file declaring tools (see twistnet.http.tools)."],
+        [
+            "config",
+            None,
+            None,
+            'A TOML file declaring tools (see "The tools file" in the README).',
+        ],
         ["log-level", None, "info", "Least level logged.", _log_level],
     ]
 
@@ -231,6 +238,7 @@ class InOrder(MultiService):
         return defer.Deferred.fromCoroutine(self._stop())
 
 
+@for_twistd
 def makeService(options: usage.Options, reactor=None) -> MultiService:
     level = options["log-level"]
     set_level(_log_level(level) if isinstance(level, str) else level)

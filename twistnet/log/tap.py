@@ -19,11 +19,13 @@ from twistnet._connections import ConnectionRegistry
 from twistnet._tap import (
     ServiceOptions,
     ServiceRoot,
+    byte_size,
     connection_options,
+    for_twistd,
     listening_services,
     non_negative_float,
     non_negative_int,
-    port_number,
+    udp_options,
 )
 from twistnet.log.formats import FORMATS
 from twistnet.log.framing import FRAMINGS
@@ -44,24 +46,6 @@ DEFAULT_FILE = "lines.log"
 #: Old files kept by --rotate-bytes unless --keep says otherwise: some history to look back
 #: on, while rotation still bounds the disk used to (keep + 1) x --rotate-bytes.
 DEFAULT_KEEP = 5
-
-_UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3}
-
-
-def byte_size(value: str) -> int:
-    """Coerce a size in bytes, optionally with a K, M or G (binary) suffix."""
-    text = value.strip().upper().removesuffix("B").removesuffix("I")
-    unit = text[-1:] if text[-1:] in ("K", "M", "G") else ""
-    try:
-        number = int(text[: len(text) - len(unit)])
-    except ValueError:
-        raise ValueError(f"expected a size in bytes such as 65536 or 10M, got {value!r}") from None
-    if number < 0:
-        raise ValueError(f"expected a size of 0 or more, got {value!r}")
-    return number * _UNITS[unit]
-
-
-byte_size.coerceDoc = "Bytes, or with a K, M or G suffix."  # type: ignore[attr-defined]
 
 
 def log_format(value: str) -> str:
@@ -133,14 +117,7 @@ class Options(ServiceOptions):
             "Longer lines (and syslog frames) are written truncated, with a marker.",
             byte_size,
         ],
-        [
-            "udp-port",
-            None,
-            None,
-            "Also log UDP datagrams received on this port, one line each (off unless given).",
-            port_number,
-        ],
-        ["udp-interface", None, "", "Interface for --udp-port (default: all)."],
+        *udp_options("Also log UDP datagrams received on this port, one line each"),
         [
             "framing",
             None,
@@ -218,6 +195,7 @@ def _reopen_on_signals(reactor, sink: LogSink) -> None:
     log.info("{service} reopens {path} on SIGHUP or SIGUSR1", service=SERVICE_NAME, path=sink.path)
 
 
+@for_twistd
 def makeService(options: usage.Options, reactor=None) -> MultiService:
     sink = LogSink(
         options["file"],
@@ -251,7 +229,7 @@ def makeService(options: usage.Options, reactor=None) -> MultiService:
     listening_services(SERVICE_NAME, options.endpoint_descriptions(), factory, reactor, top)
     if options["udp-port"] is not None:
         udp_service(
-            sink, options["max-line"], options["udp-port"], options["udp-interface"], reactor
+            sink, options["max-line"], options["udp-port"], options["udp-interface"] or "", reactor
         ).setServiceParent(top)
     log.info(
         "{service} appending {kind} lines to {path}",

@@ -13,13 +13,9 @@ from twisted.internet import protocol
 from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 
+from twistnet import _tap
 from twistnet.log.framing import strip_line_end
 from twistnet.log.sink import LogSink
-
-#: The largest UDP payload (65,535 minus the IPv4 and UDP headers is 65,507; a socket read of
-#: 65,535 bytes takes any datagram whole). Twisted's listenUDP reads only 8,192 by default,
-#: which would silently cut longer datagrams.
-MAX_DATAGRAM = 65535
 
 #: Drops are summarised in one log line at most this often: loud, but not a flood.
 DROP_REPORT_SECONDS = 1.0
@@ -119,12 +115,4 @@ def udp_service(
     sink: LogSink, max_line: int, port: int, interface: str = "", reactor=None
 ) -> internet.UDPServer:
     """The service reading datagrams on C{port}; binds (or fails) in privilegedStartService."""
-    service = internet.UDPServer(
-        port,
-        DatagramLogProtocol(sink, max_line),
-        interface=interface,
-        maxPacketSize=MAX_DATAGRAM,
-    )
-    if reactor is not None:
-        service.reactor = reactor
-    return service
+    return _tap.udp_service(port, DatagramLogProtocol(sink, max_line), interface, reactor)
