@@ -27,6 +27,7 @@ from twistnet._tap import (
     listening_services,
     port_number,
 )
+from twistnet.metrics import ServiceMetrics, add_metrics_service, metrics_option
 
 #: Not 7: binding below 1024 needs root, and a diagnostic should start as any user.
 DEFAULT_PORT = 7007
@@ -57,6 +58,9 @@ class Echo(ManagedProtocol):
 
     def dataReceived(self, data: bytes) -> None:
         self.spoke()
+        counts = self.factory.counts
+        counts.bytes_in += len(data)
+        counts.bytes_out += len(data)
         write_now(self.transport, data)
 
     def readConnectionLost(self) -> None:
@@ -118,6 +122,7 @@ class Options(ServiceOptions):
             port_number,
         ],
         ["udp-interface", None, "", "Interface for --udp-port (default: all)."],
+        *metrics_option(),
     ]
 
 
@@ -139,4 +144,7 @@ def makeService(options: usage.Options, reactor=None) -> MultiService:
         if reactor is not None:
             udp.reactor = reactor
         udp.setServiceParent(top)
+    add_metrics_service(
+        top, "twistnet-echo", options["metrics"], [ServiceMetrics(factory)], reactor
+    )
     return top

@@ -116,12 +116,12 @@ class DatagramLogProtocol(protocol.DatagramProtocol):
 
 
 def udp_service(
-    sink: LogSink, max_line: int, port: int, interface: str = "", reactor=None
+    datagrams: DatagramLogProtocol, port: int, interface: str = "", reactor=None
 ) -> internet.UDPServer:
     """The service reading datagrams on C{port}; binds (or fails) in privilegedStartService."""
     service = internet.UDPServer(
         port,
-        DatagramLogProtocol(sink, max_line),
+        datagrams,
         interface=interface,
         maxPacketSize=MAX_DATAGRAM,
     )
