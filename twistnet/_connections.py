@@ -25,6 +25,32 @@ CLOSE_GRACE_SECONDS = 5.0
 EVICTION_GRACE_SECONDS = 1.0
 
 
+class ConnectionCounts:
+    """
+    What happened to a service's connections since start, for its metrics: plain integers
+    the hot path bumps with one addition, which the collector reads at scrape time.
+
+    @ivar refused: connections turned away, by reason (C{max_connections}: refused at the
+        cap; twistnet-http also C{max_requests}).
+    @ivar closed: connections gone, by L{ManagedProtocol.close_reason} (C{normal} when
+        nothing else was recorded: the client left or the conversation ended).
+    """
+
+    def __init__(self) -> None:
+        self.accepted = 0
+        self.refused: collections.Counter[str] = collections.Counter()
+        self.closed: collections.Counter[str] = collections.Counter()
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.lines_in = 0
+        #: Lines not passed on, by reason (chat: C{max_line}, C{rate}).
+        self.lines_refused: collections.Counter[str] = collections.Counter()
+
+
+#: The close reason of a connection nobody closed for a reason of ours.
+NORMAL = "normal"
+
+
 def reactor_or_global(reactor=None):
     """C{reactor} if one is injected (a test's clock or fake reactor), else the global one."""
     if reactor is None:
@@ -109,6 +135,7 @@ class ConnectionRegistry:
         #: Evicted but not gone yet: no longer counted, still closed at shutdown.
         self._leaving: set[protocol.Protocol] = set()
         self._gone: list[defer.Deferred[None]] = []
+        self.counts = ConnectionCounts()
 
     def __len__(self) -> int:
         return len(self._open)
@@ -131,10 +158,12 @@ class ConnectionRegistry:
         del self._waiting[oldest]
         del self._open[oldest]
         self._leaving.add(oldest)
+        oldest.close_reason = "evicted"
         return oldest
 
     def admit(self, proto: protocol.Protocol) -> None:
         """Count C{proto} as open, and as waiting until L{working} says otherwise."""
+        self.counts.accepted += 1
         self._open[proto] = None
         self._waiting[proto] = self.clock.seconds()
 
@@ -149,6 +178,7 @@ class ConnectionRegistry:
             self._waiting[proto] = self.clock.seconds()
 
     def release(self, proto: protocol.Protocol) -> None:
+        self.counts.closed[getattr(proto, "close_reason", NORMAL)] += 1
         self._open.pop(proto, None)
         self._waiting.pop(proto, None)
         self._leaving.discard(proto)
@@ -170,6 +200,8 @@ class ConnectionRegistry:
         for proto in list(self):
             if proto.transport is None:
                 continue
+            if getattr(proto, "close_reason", NORMAL) == NORMAL:
+                proto.close_reason = "shutdown"
             if notice:
                 proto.transport.write(notice)
             proto.hang_up()
@@ -293,6 +325,7 @@ class ManagedFactory(protocol.Factory):
     ) -> None:
         self.clock: IReactorTime = reactor_or_global(clock)
         self.registry = ConnectionRegistry(max_connections, self.clock)
+        self.counts = self.registry.counts
         self.idle_timeout = idle_timeout
         self.refusals = RefusalLog(self.logger, self.clock)
 
@@ -302,6 +335,7 @@ class ManagedFactory(protocol.Factory):
             cap = f"{self.cap_option} {registry.max_connections}"
             evicted = registry.make_room()
             if evicted is None:
+                self.counts.refused["max_connections"] += 1
                 self.refusals.record(f"refused at {cap}", _address(addr))
                 return Refused(self.full_message, self.clock)
             self.refusals.record(f"evicted (waited longest) at {cap}", peer_name(evicted.transport))
@@ -332,6 +366,8 @@ class ManagedProtocol(protocol.Protocol):
     evicted_message = b""
 
     idle: IdleTimer | None = None
+    #: Why the connection is closed, for the metrics; set where we decide to close it.
+    close_reason = NORMAL
     #: Whether the client has spoken: it is then no longer evicted to make room.
     working = False
     _abort: IDelayedCall | None = None
@@ -360,6 +396,7 @@ class ManagedProtocol(protocol.Protocol):
         self.close(self.evicted_message)
 
     def _idled(self) -> None:
+        self.close_reason = "idle"
         self.factory.logger.info("closing idle connection {peer}", peer=peer_name(self.transport))
         self.close(self.idle_message)
 

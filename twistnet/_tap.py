@@ -119,12 +119,12 @@ class _EndpointCheckReactor:
     """Stands in for the reactor while a description is parsed but not yet listened on."""
 
 
-def check_endpoint(description: str) -> str:
+def check_endpoint(description: str, option: str = "--listen") -> str:
     """Parse a server endpoint description now, so a typo is a usage error, not a traceback."""
     try:
         endpoints.serverFromString(_EndpointCheckReactor(), description)
     except Exception as error:
-        raise usage.UsageError(f"--listen {description!r}: {error}") from None
+        raise usage.UsageError(f"{option} {description!r}: {error}") from None
     return description
 
 
@@ -301,10 +301,17 @@ def _stop(reactor) -> None:
 class AnnouncingEndpoint:
     """Wraps an endpoint to log, once listening, what listens where."""
 
-    def __init__(self, wrapped: IStreamServerEndpoint, name: str, description: str) -> None:
+    def __init__(
+        self,
+        wrapped: IStreamServerEndpoint,
+        name: str,
+        description: str,
+        serving: str = "listening on",
+    ) -> None:
         self._wrapped = wrapped
         self._name = name
         self._description = description
+        self._serving = serving
 
     def listen(self, factory: IProtocolFactory) -> defer.Deferred[IListeningPort]:
         def announce(port: IListeningPort) -> IListeningPort:
@@ -312,8 +319,9 @@ class AnnouncingEndpoint:
             host = getattr(address, "host", None)
             where = f"{host}:{address.port}" if host is not None else str(address)
             log.info(
-                "{service} listening on {where} ({description})",
+                "{service} {serving} {where} ({description})",
                 service=self._name,
+                serving=self._serving,
                 where=where,
                 description=self._description,
             )
@@ -328,15 +336,17 @@ def listening_services(
     factory: IProtocolFactory,
     reactor=None,
     parent: MultiService | None = None,
+    serving: str = "listening on",
 ) -> MultiService:
     """
     A service listening with C{factory} on every description. Built with
-    C{strports.service}, which makes twistd exit when a port cannot be bound.
+    C{strports.service}, which makes twistd exit when a port cannot be bound. Each port is
+    announced as "C{name} C{serving} host:port (description)".
     """
     parent = parent if parent is not None else ServiceRoot(name, reactor)
     for description in descriptions:
         listener = strports.service(description, factory, reactor=reactor)
-        listener.endpoint = AnnouncingEndpoint(listener.endpoint, name, description)
+        listener.endpoint = AnnouncingEndpoint(listener.endpoint, name, description, serving)
         listener.setServiceParent(parent)
     return parent
 

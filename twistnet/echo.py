@@ -28,6 +28,7 @@ from twistnet._tap import (
     udp_options,
     udp_service,
 )
+from twistnet.metrics import ServiceMetrics, add_metrics_service, metrics_option
 
 #: Not 7: binding below 1024 needs root, and a diagnostic should start as any user.
 DEFAULT_PORT = 7007
@@ -58,6 +59,9 @@ class Echo(ManagedProtocol):
 
     def dataReceived(self, data: bytes) -> None:
         self.spoke()
+        counts = self.factory.counts
+        counts.bytes_in += len(data)
+        counts.bytes_out += len(data)
         write_now(self.transport, data)
 
     def readConnectionLost(self) -> None:
@@ -112,6 +116,7 @@ class Options(ServiceOptions):
     optParameters = [
         *connection_options(),
         *udp_options("Also echo UDP datagrams on this port"),
+        *metrics_option(),
     ]
 
 
@@ -130,4 +135,7 @@ def makeService(options: usage.Options, reactor=None) -> MultiService:
             options["udp-port"], EchoDatagram(), options["udp-interface"] or "", reactor
         )
         udp.setServiceParent(top)
+    add_metrics_service(
+        top, "twistnet-echo", options["metrics"], [ServiceMetrics(factory)], reactor
+    )
     return top

@@ -241,12 +241,15 @@ class ChatProtocol(ManagedProtocol):
             else:
                 # All sent: nothing of earlier exempt output can still be waiting.
                 self._credit = 0
+            self.factory.counts.bytes_out += len(data)
             if self._counter is not None:
                 self._counter.wrote(len(data))
             if pending:
                 # Queued behind what is unsent anyway: no point trying to send now.
                 self.transport.write(data)
                 return
+        else:
+            self.factory.counts.bytes_out += len(data)
         write_now(self.transport, data)
 
     def _send_bulk(self, data: bytes) -> None:
@@ -258,6 +261,7 @@ class ChatProtocol(ManagedProtocol):
     def _overflow(self, pending: int) -> None:
         self._closing = True
         self._leave_reason = "not reading, send queue full"
+        self.close_reason = "sendq"
         self.factory.log.warn(
             "disconnecting {name} ({peer}): {pending} bytes unsent, over --sendq {cap}",
             name=self.name,
@@ -278,6 +282,7 @@ class ChatProtocol(ManagedProtocol):
     def dataReceived(self, data: bytes) -> None:
         if self._closing:
             return
+        self.factory.counts.bytes_in += len(data)
         if self._telnet_tail or self._in_subnegotiation or _IAC in data:
             data = self._strip_telnet(self._telnet_tail + data)
         if not data:
@@ -311,6 +316,7 @@ class ChatProtocol(ManagedProtocol):
             # never finishes idles out (the slowloris defence), and is the first evicted
             # when the room is full.
             self.spoke()
+            self.factory.counts.lines_in += len(parts)
             self._lines(parts)
 
     def _lines(self, lines: list[bytes]) -> None:
@@ -352,9 +358,11 @@ class ChatProtocol(ManagedProtocol):
             self.room.broadcast(self, batch)
 
     def _refuse_overlong(self) -> None:
+        self.factory.counts.lines_refused["max_line"] += 1
         self._notice(f"*** Line too long (over {self._max_line} bytes): not sent.")
 
     def _over_rate(self) -> None:
+        self.factory.counts.lines_refused["rate"] += 1
         self._dropped += 1
         if not self._warned:
             self._warned = True
@@ -364,6 +372,7 @@ class ChatProtocol(ManagedProtocol):
             )
         elif self._dropped > self._burst:
             self._leave_reason = "flooding"
+            self.close_reason = "rate"
             self.factory.log.info(
                 "disconnecting {name} ({peer}): still over --rate {rate} after a warning",
                 name=self.name,
@@ -470,6 +479,7 @@ class ChatProtocol(ManagedProtocol):
 
     def _cmd_exit(self, _: str) -> None:
         self._leave_reason = "quit"
+        self.close_reason = "quit"
         self.room.leave(self, "quit")
         self.close(encode_lines([f"*** Goodbye, {self.name}."]))
 

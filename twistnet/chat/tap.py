@@ -20,6 +20,7 @@ from twistnet._tap import (
 )
 from twistnet.chat.protocol import ChatFactory, ChatLimits
 from twistnet.chat.room import Room, encode_lines
+from twistnet.metrics import LineMetrics, ServiceMetrics, add_metrics_service, metrics_option
 
 #: The port of the README's quick start, above 1024 so any user can run it.
 DEFAULT_PORT = 12345
@@ -87,6 +88,7 @@ class Options(ServiceOptions):
             "disconnected (0 = no cap).",
             byte_size,
         ],
+        *metrics_option(),
     ]
 
     def postOptions(self) -> None:
@@ -133,4 +135,6 @@ def makeService(options: usage.Options, reactor=None) -> MultiService:
     top = ServiceRoot("twistnet-chat", reactor)
     ChatCloser(factory).setServiceParent(top)
     listening_services("twistnet-chat", options.endpoint_descriptions(), factory, reactor, top)
+    collectors = [ServiceMetrics(factory), LineMetrics(factory)]
+    add_metrics_service(top, "twistnet-chat", options["metrics"], collectors, reactor)
     return top

@@ -21,7 +21,7 @@ from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 from twisted.web import resource, server
 
-from twistnet._connections import ManagedFactory, hang_up, peer_name
+from twistnet._connections import NORMAL, ManagedFactory, hang_up, peer_name
 from twistnet._internals import JsonBadRequestChannel, handling_request
 from twistnet.http._logging import LEVELS, enabled
 from twistnet.http._logging import observer as log_observer
@@ -79,6 +79,8 @@ class JobChannel(JsonBadRequestChannel):
     serving = False
     #: When the first byte of the request being received arrived (None: none under way).
     request_started: float | None = None
+    #: Why the connection is closed, for the metrics (see L{ManagedProtocol.close_reason}).
+    close_reason = NORMAL
     _abort: IDelayedCall | None = None
 
     def connectionMade(self) -> None:
@@ -100,6 +102,8 @@ class JobChannel(JsonBadRequestChannel):
             return
         if site.serving >= site.max_requests:
             site.refusals.record(f"refused at --max-requests {site.max_requests}", self._peer())
+            site.counts.refused["max_requests"] += 1
+            self.close_reason = "max_requests"
             self.answer_and_close(_TOO_BUSY)
             return
         self.serving = True
@@ -125,6 +129,7 @@ class JobChannel(JsonBadRequestChannel):
             self.site.serving -= 1
 
     def refuse_body(self) -> None:
+        self.close_reason = "max_body"
         limit = self.site.max_body
         self.answer_and_close(
             raw_response(413, "request too large", f"The body may be at most {limit} bytes.")
@@ -133,6 +138,7 @@ class JobChannel(JsonBadRequestChannel):
     def bad_request(self) -> None:
         # twisted.web's own answer to a malformed request, or to a request line or headers
         # over its limits, is a bare "400 Bad Request" with no body: every error here is JSON.
+        self.close_reason = "bad_request"
         self.answer_and_close(
             raw_response(
                 400,
@@ -147,6 +153,7 @@ class JobChannel(JsonBadRequestChannel):
 
     def too_slow(self) -> None:
         """The request did not arrive whole in time: say so and hang up."""
+        self.close_reason = "request_timeout"
         log.info(
             "closing {peer}: request incomplete after {seconds} s",
             peer=self._peer(),
@@ -155,6 +162,11 @@ class JobChannel(JsonBadRequestChannel):
         self.answer_and_close(
             raw_response(408, "request timeout", "The request did not arrive in time.")
         )
+
+    def timeoutConnection(self) -> None:
+        """--idle-timeout: no request on a kept-alive connection for that long."""
+        self.close_reason = "idle"
+        super().timeoutConnection()
 
     def evict(self) -> None:
         """Closed to make room at --max-connections: it was idle or still sending."""

@@ -48,6 +48,7 @@ from twistnet.http.tools import (
     load_config,
     parse_tool_option,
 )
+from twistnet.metrics import ServiceMetrics
 
 log = Logger(observer=log_observer)
 
@@ -277,6 +278,7 @@ def makeService(options: usage.Options, reactor=None) -> MultiService:
             pruner.clock = reactor
         pruner.setServiceParent(jobs)
     ConnectionCloser(site.registry).setServiceParent(top)
+    api.metrics.registry.register(ServiceMetrics(site, traffic=False))
     log.info(
         "twistnet-http: tools {tools}; jobs in {db}; {workers} workers, queue {queue}; {auth}",
         tools=", ".join(tools),

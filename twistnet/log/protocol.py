@@ -78,6 +78,7 @@ class LineLogProtocol(ManagedProtocol):
         self._sniffing = self.factory.framing == AUTO
 
     def dataReceived(self, data: bytes) -> None:
+        self.factory.counts.bytes_in += len(data)
         if self._frames is not None:
             self._frames_received(data)
         elif self._sniffing:
@@ -110,6 +111,7 @@ class LineLogProtocol(ManagedProtocol):
                 peer=self.peer,
                 error=decoder.error,
             )
+            self.close_reason = "malformed_frame"
             self.close()
 
     def _frame_record(self, frame: Frame) -> bytes:

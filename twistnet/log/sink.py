@@ -83,6 +83,8 @@ class LogSink:
         self._fsync_loop: LoopingCall | None = None
         self.bytes_written = 0
         self.rotations = 0
+        #: How often writing stopped on an error (disk full) and reading was paused.
+        self.pauses = 0
         #: Whether L{open} created the file (rather than appending to one that existed).
         self.created = False
 
@@ -216,6 +218,7 @@ class LogSink:
     def _block(self, rest: bytes | memoryview) -> None:
         self._pending = [bytes(rest)]
         self._pending_bytes = len(rest)
+        self.pauses += 1
         self._outage.failed(self.clock.seconds())
         self.log.critical(
             "cannot write to {path}: {error}; holding {held} bytes in memory, "

@@ -26,12 +26,15 @@ from twistnet._tap import (
     non_negative_float,
     non_negative_int,
     udp_options,
+    udp_service,
 )
 from twistnet.log.formats import FORMATS
 from twistnet.log.framing import FRAMINGS
+from twistnet.log.metrics import LogMetrics
 from twistnet.log.protocol import DEFAULT_MAX_LINE, LineLogFactory
 from twistnet.log.sink import LogSink
-from twistnet.log.udp import udp_service
+from twistnet.log.udp import DatagramLogProtocol
+from twistnet.metrics import ServiceMetrics, add_metrics_service, metrics_option
 
 log = Logger()
 
@@ -126,6 +129,7 @@ class Options(ServiceOptions):
             "auto: octet-counted if a connection starts with a length, a space and <PRI>.",
             framing,
         ],
+        *metrics_option(),
     ]
 
     def postOptions(self) -> None:
@@ -227,10 +231,14 @@ def makeService(options: usage.Options, reactor=None) -> MultiService:
     # Added first, so it stops last: after the listeners stop accepting.
     LogService(sink, factory.registry, signals=reactor is None).setServiceParent(top)
     listening_services(SERVICE_NAME, options.endpoint_descriptions(), factory, reactor, top)
+    datagrams = None
     if options["udp-port"] is not None:
+        datagrams = DatagramLogProtocol(sink, options["max-line"])
         udp_service(
-            sink, options["max-line"], options["udp-port"], options["udp-interface"] or "", reactor
+            options["udp-port"], datagrams, options["udp-interface"] or "", reactor
         ).setServiceParent(top)
+    collectors = [ServiceMetrics(factory), LogMetrics(factory, datagrams)]
+    add_metrics_service(top, SERVICE_NAME, options["metrics"], collectors, reactor)
     log.info(
         "{service} appending {kind} lines to {path}",
         service=SERVICE_NAME,

@@ -8,12 +8,10 @@ datagrams that arrive meanwhile are dropped and counted, and the count is logged
 
 from __future__ import annotations
 
-from twisted.application import internet
 from twisted.internet import protocol
 from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 
-from twistnet import _tap
 from twistnet.log.framing import strip_line_end
 from twistnet.log.sink import LogSink
 
@@ -109,10 +107,3 @@ class DatagramLogProtocol(protocol.DatagramProtocol):
             path=self.sink.path,
             total=self.drops.total,
         )
-
-
-def udp_service(
-    sink: LogSink, max_line: int, port: int, interface: str = "", reactor=None
-) -> internet.UDPServer:
-    """The service reading datagrams on C{port}; binds (or fails) in privilegedStartService."""
-    return _tap.udp_service(port, DatagramLogProtocol(sink, max_line), interface, reactor)
