@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import signal
+import sys
 from collections.abc import Callable, Iterable
 
 from twisted.application import internet, strports
@@ -22,6 +23,7 @@ from twisted.logger import Logger
 from twisted.python import usage
 from zope.interface import implementer
 
+from twistnet import _processes
 from twistnet._internals import forget_sigterm_at_exit
 
 log = Logger()
@@ -138,12 +140,20 @@ class ServiceOptions(usage.Options):
     default_port = 0
     #: The interface the default and --port endpoints bind; "" means all interfaces.
     default_interface = ""
+    #: The twistd plugin name, as log lines and --processes children use it.
+    service_name = "twistnet"
 
     optParameters: list = []
 
     def __init__(self) -> None:
         super().__init__()
         self["listen"] = []
+        #: The arguments as given, so --processes can start children with the same ones.
+        self.argv: list[str] = []
+
+    def parseOptions(self, options=None) -> None:
+        self.argv = list(sys.argv[1:] if options is None else options)
+        super().parseOptions(options)
 
     def opt_listen(self, description: str) -> None:
         self["listen"].append(check_endpoint(description))
@@ -198,6 +208,7 @@ def connection_options(default_max: int = DEFAULT_MAX_CONNECTIONS) -> list:
             "Close a connection after this many seconds without input from it (0 = off).",
             non_negative_float,
         ],
+        _processes.processes_option(),
     ]
 
 
@@ -261,12 +272,25 @@ def for_twistd(make_service: Callable[..., ServiceRoot]) -> Callable[..., Servic
 
     @functools.wraps(make_service)
     def makeService(options: usage.Options, reactor=None) -> ServiceRoot:
+        if options.get("processes", 1) > 1:
+            return _supervising(options, reactor)
         root = make_service(options, reactor)
         if reactor is None and _daemonizing(options):
             root.privilegedStartService()
         return root
 
     return makeService
+
+
+def _supervising(options: usage.Options, reactor=None) -> ServiceRoot:
+    """The parent of --processes N: it binds, then only supervises the children."""
+    name = options.service_name
+    root = ServiceRoot(name, reactor)
+    held, addresses = _processes.bind(name, options.endpoint_descriptions())
+    argv = _processes.child_argv(name, options.argv)
+    supervisor = _processes.Supervisor(options["processes"], held, addresses, argv, reactor)
+    supervisor.setServiceParent(root)
+    return root
 
 
 def _daemonizing(options: usage.Options) -> bool:
@@ -344,6 +368,12 @@ def listening_services(
     announced as "C{name} C{serving} host:port (description)".
     """
     parent = parent if parent is not None else ServiceRoot(name, reactor)
+    shared = _processes.inherited_addresses()
+    if shared is not None:
+        # A child of --processes: the parent holds these addresses, in the same order.
+        for address in shared:
+            _processes.SharedPort(name, address, factory, reactor).setServiceParent(parent)
+        return parent
     for description in descriptions:
         listener = strports.service(description, factory, reactor=reactor)
         listener.endpoint = AnnouncingEndpoint(listener.endpoint, name, description, serving)

@@ -19,6 +19,7 @@ from zope.interface import implementer
 
 from twistnet._connections import ConnectionCloser, ManagedFactory, ManagedProtocol
 from twistnet._internals import write_now
+from twistnet._processes import refuse_processes
 from twistnet._tap import (
     ServiceOptions,
     ServiceRoot,
@@ -113,11 +114,20 @@ class Options(ServiceOptions):
         "otherwise."
     )
     default_port = DEFAULT_PORT
+    service_name = "twistnet-echo"
     optParameters = [
         *connection_options(),
         *udp_options("Also echo UDP datagrams on this port"),
         *metrics_option(),
     ]
+
+    def postOptions(self) -> None:
+        refuse_processes(
+            self,
+            "UDP echo is not shared between processes; drop --udp-port or run one process."
+            if self["udp-port"] is not None
+            else None,
+        )
 
 
 @for_twistd

@@ -6,6 +6,7 @@ from twisted.application.service import MultiService
 from twisted.python import usage
 
 from twistnet._connections import ConnectionCloser
+from twistnet._processes import refuse_processes
 from twistnet._tap import (
     ServiceOptions,
     ServiceRoot,
@@ -41,6 +42,7 @@ class Options(ServiceOptions):
         "otherwise. /HELP in the chat lists the commands."
     )
     default_port = DEFAULT_PORT
+    service_name = "twistnet-chat"
     optParameters = [
         *connection_options(),
         [
@@ -92,6 +94,11 @@ class Options(ServiceOptions):
     ]
 
     def postOptions(self) -> None:
+        refuse_processes(
+            self,
+            "the room lives in one process, so N processes would be N separate rooms; "
+            "run one process.",
+        )
         self["cap-option"] = "--max-connections"
         if self["max-clients"] is not None:
             self["max-connections"] = self["max-clients"]

@@ -20,6 +20,7 @@ from twisted.python import usage
 
 from twistnet._connections import ConnectionCloser
 from twistnet._internals import parse_description
+from twistnet._processes import refuse_processes
 from twistnet._tap import (
     ServiceOptions,
     ServiceRoot,
@@ -108,6 +109,7 @@ class Options(ServiceOptions):
         "or --config, built-in harmless tools (echo, sleep, date, wordcount) are served."
     )
     default_port = DEFAULT_PORT
+    service_name = "twistnet-http"
     default_interface = "127.0.0.1"
     optFlags = [
         ["insecure", None, "Allow listening beyond loopback without a token."],
@@ -171,6 +173,11 @@ class Options(ServiceOptions):
             raise usage.UsageError(str(error)) from None
 
     def postOptions(self) -> None:
+        refuse_processes(
+            self,
+            "jobs live in one process's SQLite store and runner, so N processes would be N "
+            "separate job services on one file; run one process.",
+        )
         self["token"] = self._token()
         tools = list(self["tool"])
         if self["config"]:

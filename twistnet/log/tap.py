@@ -16,6 +16,7 @@ from twisted.logger import Logger
 from twisted.python import usage
 
 from twistnet._connections import ConnectionRegistry
+from twistnet._processes import refuse_processes
 from twistnet._tap import (
     ServiceOptions,
     ServiceRoot,
@@ -82,6 +83,7 @@ class Options(ServiceOptions):
         "SIGHUP or SIGUSR1 reopens the file (for logrotate); SIGTERM flushes and exits."
     )
     default_port = DEFAULT_PORT
+    service_name = "twistnet-log"
     optParameters = [
         *connection_options(),
         ["file", "f", DEFAULT_FILE, "The file lines are appended to (created if missing)."],
@@ -133,6 +135,11 @@ class Options(ServiceOptions):
     ]
 
     def postOptions(self) -> None:
+        refuse_processes(
+            self,
+            "--rotate-bytes counts the file's size in one process, and N processes appending "
+            "to one file would each rotate on their own count; run one process per file.",
+        )
         if not self["file"]:
             raise usage.UsageError("--file needs a file name, for example --file lines.log.")
         if self["max-line"] < 1:

@@ -1,0 +1,188 @@
+"""
+--processes N, end to end: one parent twistd binds, N children serve the one port, a dead
+child is replaced, SIGTERM ends them all, and no child outlives a SIGKILLed parent.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from helpers import TWISTD, connect, recv_exactly, run_twistd, wait_until
+
+LOCAL = "tcp:0:interface=127.0.0.1"
+
+
+def child_pids(server, count: int) -> dict[int, int]:
+    """{child index: pid} of the children started so far (the latest of each index)."""
+    server.wait_for_line(rf"started child {count} \(pid \d+\)")
+    pids = {}
+    for match in re.finditer(r"started child (\d+) \(pid (\d+)\)", server.output):
+        pids[int(match.group(1))] = int(match.group(2))
+    return pids
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().split()[2]
+    except FileNotFoundError:
+        return False
+    return state != "Z"
+
+
+def serving_pid(client: socket.socket, server_port: int, pids) -> int | None:
+    """Which process holds the server side of C{client}'s connection (by socket inode)."""
+    local_port = client.getsockname()[1]
+    inode = None
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        here, there = (int(a.split(":")[1], 16) for a in fields[1:3])
+        if (here, there) == (server_port, local_port):
+            inode = fields[9]
+    for pid in pids:
+        for fd in Path(f"/proc/{pid}/fd").iterdir():
+            try:
+                if os.readlink(fd) == f"socket:[{inode}]":
+                    return pid
+            except OSError:
+                continue
+    return None
+
+
+def echo_once(sock: socket.socket, data: bytes = b"ping") -> bytes:
+    sock.sendall(data)
+    return recv_exactly(sock, len(data))
+
+
+def start(twistd, count: int = 2, *extra: str):
+    server = twistd("twistnet-echo", "--listen", LOCAL, "--processes", str(count), *extra)
+    server.tcp_port = server.port()
+    server.pids = child_pids(server, count)
+    for index in range(1, count + 1):
+        server.wait_for_line(rf"\[child {index}\] .*twistnet-echo serving 127\.0\.0\.1:")
+    return server
+
+
+def test_two_children_share_one_port_and_both_serve(twistd):
+    server = start(twistd)
+    clients = [connect(server.tcp_port) for _ in range(40)]
+    try:
+        for sock in clients:
+            assert echo_once(sock) == b"ping"
+        owners = [serving_pid(sock, server.tcp_port, server.pids.values()) for sock in clients]
+        counts = {pid: owners.count(pid) for pid in server.pids.values()}
+        print(f"connections per child: {sorted(counts.values())}")
+        assert None not in owners
+        assert all(count > 0 for count in counts.values()), counts
+        # The parent never accepts: every connection is a child's.
+        assert sum(counts.values()) == len(clients)
+    finally:
+        for sock in clients:
+            sock.close()
+    assert server.terminate() == 0
+    for pid in server.pids.values():
+        wait_until(lambda pid=pid: not alive(pid))
+
+
+def test_a_killed_child_is_replaced_and_the_other_childs_clients_never_notice(twistd):
+    server = start(twistd)
+    clients = [connect(server.tcp_port) for _ in range(30)]
+    for sock in clients:
+        assert echo_once(sock) == b"ping"
+    victim = server.pids[1]
+    owners = [serving_pid(sock, server.tcp_port, server.pids.values()) for sock in clients]
+    os.kill(victim, signal.SIGKILL)
+    server.wait_for_line(r"child 1 died \(signal SIGKILL\) after [\d.]+ s; restarting it in 0")
+    server.wait_for_line(rf"started child 1 \(pid (?!{victim}\))\d+\)")
+    for sock, owner in zip(clients, owners, strict=True):
+        if owner != victim:
+            assert echo_once(sock, b"still here") == b"still here"
+        sock.close()
+    with connect(server.tcp_port) as newcomer:
+        assert echo_once(newcomer) == b"ping"
+    assert server.terminate() == 0
+
+
+def test_sigkill_of_the_parent_leaves_no_child_behind(twistd):
+    server = start(twistd)
+    server.proc.kill()
+    server.proc.wait(10)
+    for pid in server.pids.values():
+        assert wait_until(lambda pid=pid: not alive(pid), timeout=10)
+
+
+def test_a_second_instance_on_the_same_port_is_refused(twistd):
+    server = start(twistd)
+    port = server.tcp_port
+    result = run_twistd(
+        "twistnet-echo", "--listen", f"tcp:{port}:interface=127.0.0.1", "--processes", "2"
+    )
+    assert result.returncode == 1
+    assert f"cannot listen on 127.0.0.1:{port}: [Errno 98] Address already in use" in (
+        result.stderr
+    )
+    assert "Traceback" not in result.stdout + result.stderr
+    with connect(port) as sock:
+        assert echo_once(sock) == b"ping"
+    assert server.terminate() == 0
+
+
+def test_daemon_mode_one_pidfile_the_parents(tmp_path):
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    result = subprocess.run(
+        [
+            *(TWISTD, "--pidfile", "twistd.pid", "--logfile", "twistd.log", "twistnet-echo"),
+            *("--listen", f"tcp:{port}:interface=127.0.0.1", "--processes", "2"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=tmp_path,
+        stdin=subprocess.DEVNULL,
+    )
+    assert result.returncode == 0, result.stderr
+    pid = int((tmp_path / "twistd.pid").read_text())
+    log = tmp_path / "twistd.log"
+    wait_until(lambda: log.read_text().count("twistnet-echo serving") == 2)
+    children = [int(p) for p in re.findall(r"started child \d \(pid (\d+)\)", log.read_text())]
+    with connect(port) as sock:
+        assert echo_once(sock) == b"ping"
+    os.kill(pid, signal.SIGTERM)
+    wait_until(lambda: not (tmp_path / "twistd.pid").exists())
+    for child in children:
+        wait_until(lambda child=child: not alive(child))
+    assert "[child 1]" in log.read_text() and "[child 2]" in log.read_text()
+
+
+@pytest.mark.parametrize(
+    ("plugin", "argv", "message"),
+    [
+        ("twistnet-chat", [], "N processes would be N separate rooms"),
+        ("twistnet-http", [], "N processes would be N separate job services"),
+        ("twistnet-log", [], "run one process per file"),
+        ("twistnet-echo", ["--udp-port", "0"], "UDP echo is not shared between processes"),
+        ("twistnet-echo", ["--listen", "unix:/tmp/x.sock"], "shares plain TCP listeners only"),
+        ("twistnet-echo", ["--metrics", "tcp:0:interface=127.0.0.1"], "with --metrics"),
+        ("twistnet-echo", ["--processes", "0"], "expected 1 or more processes"),
+    ],
+)
+def test_processes_refused_where_they_cannot_work(plugin, argv, message):
+    result = run_twistd(plugin, "--processes", "2", *argv)
+    assert result.returncode == 1
+    assert message in result.stdout + result.stderr
+    assert "Traceback" not in result.stdout + result.stderr
+
+
+def test_auto_is_one_process_per_cpu():
+    from twistnet._processes import process_count
+
+    assert process_count("auto") == (os.cpu_count() or 1)
+    assert process_count("3") == 3
