@@ -30,6 +30,7 @@ from log_helpers import (
     wait_for_lines,
 )
 from twistnet.log import Options, makeService
+from twistnet.log import logfile as logfile_module
 from twistnet.log import sink as sink_module
 from twistnet.log.protocol import LineLogFactory, LineLogProtocol, has_overlong_line
 from twistnet.log.sink import LogSink
@@ -250,7 +251,7 @@ def test_rotation_renames_once_to_a_sequence_number_and_prunes_beyond_keep(tmp_p
         renames.append((src, dst))
         real_rename(src, dst)
 
-    monkeypatch.setattr(sink_module.os, "rename", counting_rename)
+    monkeypatch.setattr(logfile_module.os, "rename", counting_rename)
     for n in range(20):
         proto.dataReceived(b"line number %02d\n" % n)  # 15 bytes: two per file
     monkeypatch.undo()
@@ -293,7 +294,7 @@ def test_rotation_failure_is_logged_loudly_and_lines_keep_going_to_the_file(tmp_
     def refuse(src, dst):
         raise PermissionError(errno.EACCES, "Permission denied")
 
-    monkeypatch.setattr(sink_module.os, "rename", refuse)
+    monkeypatch.setattr(logfile_module.os, "rename", refuse)
     with capturedLogs() as events:
         for n in range(5):
             proto.dataReceived(b"line %d of many\n" % n)
@@ -302,7 +303,7 @@ def test_rotation_failure_is_logged_loudly_and_lines_keep_going_to_the_file(tmp_
     assert "Permission denied" in logged[0]
     assert file_bytes(factory).count(b"\n") == 5
     monkeypatch.undo()
-    clock.advance(sink_module.ROTATE_RETRY_SECONDS)
+    clock.advance(logfile_module.ROTATE_RETRY_SECONDS)
     proto.dataReceived(b"after\n")
     assert file_bytes(factory) == b"after\n"
     assert factory.sink.rotations == 1
@@ -329,13 +330,13 @@ def test_failed_reopen_keeps_writing_to_the_old_file_and_retries(tmp_path, monke
     def refuse(*args, **kwargs):
         raise OSError(errno.EMFILE, "Too many open files")
 
-    monkeypatch.setattr(sink_module.os, "open", refuse)
+    monkeypatch.setattr(logfile_module.os, "open", refuse)
     with capturedLogs() as events:
         sink.reopen()
         sink.write(b"kept\n")
     assert any("cannot open" in m and "Too many open files" in m for m in messages(events))
-    monkeypatch.setattr(sink_module.os, "open", real_open)
-    clock.advance(sink_module.ROTATE_RETRY_SECONDS)
+    monkeypatch.setattr(logfile_module.os, "open", real_open)
+    clock.advance(logfile_module.ROTATE_RETRY_SECONDS)
     sink.write(b"fresh\n")
     assert (tmp_path / "moved.log").read_bytes() == b"kept\n"
     assert (tmp_path / "lines.log").read_bytes() == b"fresh\n"
@@ -345,7 +346,7 @@ def test_reopen_after_close_is_ignored(tmp_path):
     factory, _ = make_factory(tmp_path)
     factory.sink.close()
     factory.sink.reopen()
-    assert factory.sink._fd == -1
+    assert factory.sink.file.closed
 
 
 # --- unit: fsync --------------------------------------------------------------------------------
@@ -353,7 +354,7 @@ def test_reopen_after_close_is_ignored(tmp_path):
 
 def test_fsync_runs_on_the_clock_only_after_writes_and_at_close(tmp_path, monkeypatch):
     synced = []
-    monkeypatch.setattr(sink_module.os, "fsync", synced.append)
+    monkeypatch.setattr(logfile_module.os, "fsync", synced.append)
     factory, clock = make_factory(tmp_path, fsync_interval=5.0)
     sink = factory.sink
     clock.advance(5)
@@ -362,7 +363,7 @@ def test_fsync_runs_on_the_clock_only_after_writes_and_at_close(tmp_path, monkey
     clock.advance(4.9)
     assert synced == []
     clock.advance(0.1)
-    assert synced == [sink._fd]
+    assert synced == [sink.file.fileno()]
     clock.advance(10)
     assert len(synced) == 1
     sink.write(b"b\n")
@@ -513,7 +514,7 @@ def test_make_service_opens_the_file_listens_and_closes_on_stop(tmp_path):
     proto.connectionLost(None)  # what close_all's loseConnection leads to
     assert stopped.called
     assert (tmp_path / "made.log").read_bytes() == b"kept\nunfinished\n"
-    assert factory.sink._fd == -1
+    assert factory.sink.file.closed
 
 
 def test_make_service_refuses_an_unopenable_file(tmp_path):
