@@ -1,5 +1,5 @@
 """
-python -m benchmarks [all | echo chat log http] [--smoke] [--rounds N] [--duration S] ...
+python -m benchmarks [all | echo chat log http] [--smoke] [--rounds N] [--baseline PATH] ...
 
 Starts each twistnet service through twistd and each peer as a child process on 127.0.0.1,
 drives them in interleaved rounds, prints the median of each figure with its ratio to the
@@ -14,12 +14,13 @@ import json
 import os
 import shlex
 import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
 
 from benchmarks import report
-from benchmarks.processes import raise_fd_limit, twistd_executable
+from benchmarks.processes import baseline_sources, raise_fd_limit, twistd_executable
 from benchmarks.workloads import TARGETS, WORKLOADS, Settings, run_workload
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -52,6 +53,12 @@ def parse(argv: list[str]) -> argparse.Namespace:
         action="store_true",
         help="py-spy profile of each twistnet server in one extra run (into benchmarks/.build/)",
     )
+    parser.add_argument(
+        "--baseline",
+        type=Path,
+        metavar="PATH",
+        help="a checkout of an older twistnet: its services run as one more contender each",
+    )
     parser.add_argument("--output", type=Path, help="where to write the Markdown report")
     parser.add_argument("--no-write", action="store_true", help="print only, write no report")
     parser.add_argument(
@@ -62,6 +69,10 @@ def parse(argv: list[str]) -> argparse.Namespace:
         parser.error("--rounds must be 1 or more")
     if args.duration is not None and args.duration <= 0:
         parser.error("--duration must be positive")
+    if args.baseline is not None:
+        args.baseline = args.baseline.resolve()
+        if not (args.baseline / "twisted" / "plugins" / "twistnet_plugins.py").is_file():
+            parser.error(f"--baseline {args.baseline}: no twisted/plugins/twistnet_plugins.py")
     return args
 
 
@@ -79,6 +90,8 @@ def settings_from(args: argparse.Namespace) -> Settings:
         changes["profile"] = True
     if args.large:
         changes["chat_growth"] = (*settings.chat_growth, 5000)
+    if args.baseline is not None:
+        changes["baseline"] = args.baseline
     return dataclasses.replace(settings, **changes)
 
 
@@ -94,6 +107,16 @@ def main(argv: list[str] | None = None) -> int:
     load = os.getloadavg()[0]
     for name in names:
         info[f"twistd for {name}"] = twistd_executable(f"twistnet-{name}")
+    baseline = ""
+    if settings.baseline is not None:
+        try:
+            sources = baseline_sources(settings.baseline, [f"twistnet-{n}" for n in names])
+        except ValueError as error:
+            print(f"python -m benchmarks: error: --baseline: {error}", file=sys.stderr)
+            return 2
+        baseline = f"{settings.baseline} (commit {commit_of(settings.baseline)})"
+        info["baseline"] = baseline
+        info["baseline loads"] = ", ".join(sorted(set(sources.values())))
     started = time.monotonic()
     print(f"twistnet benchmarks: {' '.join(names)} ({describe(settings)})", flush=True)
 
@@ -107,6 +130,9 @@ def main(argv: list[str] | None = None) -> int:
         print()
     targets = [t for t in TARGETS if any(s.key == t.section for s in sections)]
     print(report.targets_text(sections, targets))
+    if baseline:
+        print()
+        print(report.versus_baseline_text(sections, baseline))
     print(f"\n{time.monotonic() - started:.0f} s in all")
 
     raw = settings.workdir.parent / "results.json"
@@ -126,11 +152,26 @@ def main(argv: list[str] | None = None) -> int:
             sys.argv[1:] if argv is None else argv
         )
         text = report.markdown(
-            sections, targets, info, command.strip(), describe(settings), remarks
+            sections, targets, info, command.strip(), describe(settings), remarks, baseline
         )
         output.write_text(text + "\n")
         print(f"wrote {output}")
     return 0
+
+
+def commit_of(checkout: Path) -> str:
+    """The short commit of a git checkout, for the report; "unknown" when it is none."""
+    git = shutil.which("git")
+    if git is None:
+        return "unknown"
+    done = subprocess.run(
+        [git, "-C", str(checkout), "rev-parse", "--short", "HEAD"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    return done.stdout.strip() if done.returncode == 0 else "unknown"
 
 
 def describe(settings: Settings) -> str:

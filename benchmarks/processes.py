@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import resource
@@ -40,6 +41,64 @@ def twistd_executable(service: str = "") -> str:
         or os.environ.get("TWISTNET_TWISTD")
         or str(Path(sys.executable).parent / "twistd")
     )
+
+
+def baseline_env(baseline: Path | None) -> dict[str, str] | None:
+    """
+    The environment that makes a child import twistnet, and find the twistnet_plugins
+    plugin (Twisted scans C{twisted/plugins} on sys.path), from C{baseline} first.
+    """
+    if baseline is None:
+        return None
+    inherited = os.environ.get("PYTHONPATH")
+    return {"PYTHONPATH": os.pathsep.join([str(baseline), *([inherited] if inherited else [])])}
+
+
+#: Run in a child with the baseline's environment: which files the plugin and each service's
+#: module are loaded from, found the way twistd finds them (getPlugins, then the module).
+_WHERE_FROM = """
+import importlib, json, sys
+from twisted.application.service import IServiceMaker
+from twisted.plugin import getPlugins
+makers = {maker.tapname: maker for maker in getPlugins(IServiceMaker)}
+import twisted.plugins.twistnet_plugins as plugins
+files = {"plugin": plugins.__file__}
+for name in sys.argv[1:]:
+    if name not in makers:
+        sys.exit(f"no twistd plugin {name}")
+    files[name] = importlib.import_module(makers[name].module).__file__
+print(json.dumps(files))
+"""
+
+
+def baseline_sources(baseline: Path, services: Sequence[str]) -> dict[str, str]:
+    """
+    Where the baseline's children load twistnet from: the plugin file and each service's
+    module, checked to lie under C{baseline}. Raises C{ValueError} saying what does not.
+    """
+    root = baseline.resolve()
+    # -P: like twistd, nothing from the working directory comes before PYTHONPATH.
+    argv = [sys.executable, "-P", "-c", _WHERE_FROM, *services]
+    done = subprocess.run(
+        argv,
+        capture_output=True,
+        text=True,
+        timeout=START_SECONDS,
+        check=False,
+        cwd="/",
+        env={**os.environ, **(baseline_env(root) or {})},
+    )
+    if done.returncode != 0:
+        raise ValueError(f"cannot load twistnet from {baseline}: {done.stderr.strip()[-300:]}")
+    files = json.loads(done.stdout)
+    elsewhere = [
+        f"{name} from {path}"
+        for name, path in files.items()
+        if root not in Path(path).resolve().parents
+    ]
+    if elsewhere:
+        raise ValueError(f"not from {baseline}: " + "; ".join(elsewhere))
+    return files
 
 
 def raise_fd_limit(wanted: int = 65536) -> int:

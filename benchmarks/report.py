@@ -8,6 +8,9 @@ import platform
 import statistics
 from dataclasses import dataclass, field
 
+#: Appended to a twistnet service's name for the same service from the --baseline checkout.
+BASELINE_SUFFIX = " (baseline)"
+
 
 @dataclass(frozen=True)
 class Figure:
@@ -59,6 +62,12 @@ class Section:
     @property
     def subject(self) -> Row | None:
         return next(iter(self.rows.values()), None)
+
+    @property
+    def baseline(self) -> Row | None:
+        """The row of twistnet's service from the --baseline checkout, if one was run."""
+        subject = self.subject
+        return None if subject is None else self.rows.get(subject.contender + BASELINE_SUFFIX)
 
     def ratio(self, contender: str) -> float | None:
         """
@@ -216,6 +225,7 @@ def markdown(
     command: str,
     settings: str,
     remarks: list[str],
+    baseline: str = "",
 ) -> str:
     by_key = {section.key: section for section in sections}
     now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
@@ -240,7 +250,10 @@ def markdown(
         verdict, value = target.evaluate(by_key)
         shown = "-" if value is None else (f"{value:.2f}x" if target.peer else fmt(value))
         out.append(f"| {target.text} | {shown} | {verdict} |")
-    out += ["", "## Results", ""]
+    out.append("")
+    if baseline:
+        out += versus_baseline_markdown(sections, baseline)
+    out += ["## Results", ""]
     for section in sections:
         out += [markdown_table(section), ""]
     return "\n".join(out)
@@ -263,6 +276,51 @@ def as_json(sections: list[Section], info: dict[str, str]) -> dict:
 
 def _row_json(row: Row) -> dict:
     return {"rounds": row.rounds, "missing": row.missing, "notes": row.notes}
+
+
+def versus_baseline(sections: list[Section]) -> list[tuple[str, str, str, str]]:
+    """
+    Per table run with a baseline: its title, twistnet's primary figure now, the baseline's,
+    and now ÷ baseline (the median of per-round ratios, as for the peers).
+    """
+    lines = []
+    for section in sections:
+        baseline = section.baseline
+        if baseline is None:
+            continue
+        primary, subject = section.primary, section.subject
+        arrow = "" if primary.higher_is_better else ", lower is better"
+        ratio = section.ratio(baseline.contender)
+        lines.append(
+            (
+                f"{section.title} ({primary.label}{arrow})",
+                fmt(subject.median(primary.key), primary.digits),
+                fmt(baseline.median(primary.key), primary.digits),
+                "-" if ratio is None else f"{ratio:.2f}x",
+            )
+        )
+    return lines
+
+
+def versus_baseline_text(sections: list[Section], baseline: str) -> str:
+    lines = [f"== vs baseline ({baseline}): now, baseline, now ÷ baseline"]
+    for title, now, before, ratio in versus_baseline(sections):
+        lines.append(f"  {ratio:>7}  {now:>10}  {before:>10}  {title}")
+    return "\n".join(lines)
+
+
+def versus_baseline_markdown(sections: list[Section], baseline: str) -> list[str]:
+    out = [
+        "## vs baseline",
+        "",
+        f"twistnet now against the same services from {baseline}, in the same rounds.",
+        "",
+        "| table (figure) | now | baseline | now ÷ baseline |",
+        "|---|---|---|---|",
+    ]
+    for cells in versus_baseline(sections):
+        out.append("| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |")
+    return [*out, ""]
 
 
 def targets_text(sections: list[Section], targets: list[Target]) -> str:

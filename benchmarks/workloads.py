@@ -24,6 +24,7 @@ from benchmarks.build import binary
 from benchmarks.processes import (
     Missing,
     Server,
+    baseline_env,
     free_port,
     python_peer,
     require_module,
@@ -31,7 +32,7 @@ from benchmarks.processes import (
     twistd_executable,
 )
 from benchmarks.profiling import profile
-from benchmarks.report import Figure, Section, Target
+from benchmarks.report import BASELINE_SUFFIX, Figure, Section, Target
 
 LOOPBACK_TCP = "tcp:0:interface=127.0.0.1"
 ROOT = Path(__file__).resolve().parent.parent
@@ -62,6 +63,8 @@ class Settings:
     chat_window: int = 50
     log: tuple[int, int, int] = (10, 100_000, 100)  # connections, lines each, line bytes
     http_connections: int = 50
+    #: A checkout of an older twistnet, run as one more contender per workload (--baseline).
+    baseline: Path | None = None
     #: Take a py-spy profile of each twistnet server in one extra, unreported run.
     profile: bool = False
     workdir: Path = Path("benchmarks/.build/run")
@@ -95,6 +98,8 @@ class Contender:
     held_bytes: int = 0
     #: Keeps each line whole in the file (socat, with no framing, interleaves connections).
     framed: bool = True
+    #: A twistnet service (this checkout's or the baseline's), not a peer.
+    twistnet: bool = False
 
 
 @dataclass
@@ -114,11 +119,13 @@ class Workload:
 class TwistdServer(Server):
     """A twistnet service under twistd; one that has not landed yet is reported as such."""
 
-    def __init__(self, service: str, args: tuple[str, ...], workdir: Path) -> None:
+    def __init__(
+        self, service: str, args: tuple[str, ...], workdir: Path, baseline: Path | None = None
+    ) -> None:
         self.twistd = twistd_executable(service)
         self.service = service
         argv = [self.twistd, "-n", "--pidfile=", service, "--listen", LOOPBACK_TCP, *args]
-        super().__init__(service, argv, workdir)
+        super().__init__(service, argv, workdir, env=baseline_env(baseline))
 
     def start(self) -> int:
         if not Path(self.twistd).exists() and shutil.which(self.twistd) is None:
@@ -132,6 +139,7 @@ class TwistdServer(Server):
                 text=True,
                 timeout=60,
                 check=False,
+                env={**os.environ, **(self.env or {})},
             )
             found = re.search(r"[Nn]ot available yet[^.]*", placeholder.stdout)
             if found:
@@ -139,11 +147,26 @@ class TwistdServer(Server):
             raise
 
 
-def twistnet(service: str, *args: str) -> Callable[[Path], Server]:
+def twistnet(service: str, *args: str, baseline: Path | None = None) -> Callable[[Path], Server]:
     def make(workdir: Path) -> Server:
-        return TwistdServer(service, args, workdir)
+        return TwistdServer(service, args, workdir, baseline)
 
     return make
+
+
+def twistnet_contenders(
+    settings: Settings, service: str, make_for: Callable[[Path | None], Callable[[Path], Server]]
+) -> list[Contender]:
+    """
+    C{service} from this checkout and, with --baseline, from the older one right after it, so
+    that each round measures the two back to back. C{make_for(None)} makes this checkout's
+    server, C{make_for(path)} the baseline's (whose options may differ).
+    """
+    contenders = [Contender(service, make_for(None), twistnet=True)]
+    if settings.baseline is not None:
+        name = service + BASELINE_SUFFIX
+        contenders.append(Contender(name, make_for(settings.baseline), twistnet=True))
+    return contenders
 
 
 def peer(name: str, script: str, *args: str, module: str | None = None):
@@ -421,7 +444,13 @@ def echo_workload(settings: Settings) -> Workload:
     workload = Workload(
         "echo",
         [
-            Contender("twistnet-echo", twistnet("twistnet-echo", "--max-connections", "0")),
+            *twistnet_contenders(
+                settings,
+                "twistnet-echo",
+                lambda baseline: twistnet(
+                    "twistnet-echo", "--max-connections", "0", baseline=baseline
+                ),
+            ),
             Contender("wire.Echo", peer("wire.Echo", "echo_wire.py")),
             Contender("asyncio", peer("asyncio", "echo_asyncio.py")),
             Contender("uvloop", peer("uvloop", "echo_uvloop.py", module="uvloop")),
@@ -512,7 +541,11 @@ def chat_workload(settings: Settings) -> Workload:
     workload = Workload(
         "chat",
         [
-            Contender("twistnet-chat", twistnet("twistnet-chat", *CHAT_LIMITS)),
+            *twistnet_contenders(
+                settings,
+                "twistnet-chat",
+                lambda baseline: twistnet("twistnet-chat", *CHAT_LIMITS, baseline=baseline),
+            ),
             Contender("classic Twisted chat", peer("classic Twisted chat", "chat_classic.py")),
             Contender("asyncio chat", peer("asyncio chat", "chat_asyncio.py")),
         ],
@@ -574,18 +607,13 @@ def socat_log(workdir: Path) -> Server:
     return Server("socat", argv, workdir, port=port)
 
 
-def twistnet_log(workdir: Path) -> Server:
-    workdir.mkdir(parents=True, exist_ok=True)
-    make = twistnet(
-        "twistnet-log",
-        "--file",
-        str(log_file(workdir)),
-        "--format",
-        "raw",
-        "--max-connections",
-        "0",
-    )
-    return make(workdir)
+def twistnet_log(baseline: Path | None) -> Callable[[Path], Server]:
+    def make(workdir: Path) -> Server:
+        workdir.mkdir(parents=True, exist_ok=True)
+        args = ("--file", str(log_file(workdir)), "--format", "raw", "--max-connections", "0")
+        return twistnet("twistnet-log", *args, baseline=baseline)(workdir)
+
+    return make
 
 
 def classic_log(workdir: Path) -> Server:
@@ -652,7 +680,7 @@ def log_workload(settings: Settings) -> Workload:
     workload = Workload(
         "log",
         [
-            Contender("twistnet-log", twistnet_log),
+            *twistnet_contenders(settings, "twistnet-log", twistnet_log),
             Contender("classic LogfileFactory", classic_log, held_bytes=PYTHON_FILE_BUFFER),
             Contender(
                 "socat",
@@ -702,6 +730,10 @@ POST_BODY = {"tool": "echo", "params": {"text": "benchmark"}}
 #: Far above the benchmark's connection count (the service's default is 20) and a queue deep
 #: enough that submissions are not refused while the workers run the jobs.
 HTTP_ARGS = ("--max-connections", "20000", "--queue-size", "10000000", "--db", "jobs.db")
+
+#: This checkout's twistnet-http also caps requests in progress (default 20); the baseline
+#: (before --max-requests existed) would refuse the option, so it gets HTTP_ARGS alone.
+HTTP_ARGS_NOW = (*HTTP_ARGS, "--max-requests", "20000")
 
 #: The job JSON served by the peers when twistnet-http cannot provide a real one.
 FALLBACK_JOB = {
@@ -827,20 +859,25 @@ def run_http(workload: Workload, settings: Settings, servers: dict[str, Server])
     state = workload.state  # type: ignore[attr-defined]
 
     def measure_get(name: str, server: Server) -> dict[str, float]:
-        return with_peak_rss(server, lambda: wrk(server.port, state.job_path, settings))
+        # Each twistnet server (this checkout's, the baseline's) serves its own first job.
+        path = server.job_path if isinstance(server, JobServer) else state.job_path
+        return with_peak_rss(server, lambda: wrk(server.port, path, settings))
 
     interleave(get, servers, settings, measure_get)
-    subject = workload.contenders[0].name
-    for contender in workload.contenders[1:]:
-        post.row(contender.name).missing = "a bare handler stores no job: twistnet only"
-    if subject not in servers:
+    stores = {}
+    for contender in workload.contenders:
+        if not contender.twistnet:
+            post.row(contender.name).missing = "a bare handler stores no job: twistnet only"
+        elif contender.name in servers:
+            stores[contender.name] = servers[contender.name]
+    if not stores:
         return
 
     def measure_post(name: str, server: Server) -> dict[str, float]:
         result = with_peak_rss(server, lambda: wrk(server.port, "/jobs", settings, WRK_POST_SCRIPT))
         return {**result, "jobs_per_s": result["ok_per_s"]}
 
-    interleave(post, {subject: servers[subject]}, settings, measure_post)
+    interleave(post, stores, settings, measure_post)
 
 
 def http_peer(name: str, script: str, state: HttpState, module: str | None = None):
@@ -859,9 +896,11 @@ def http_peer(name: str, script: str, state: HttpState, module: str | None = Non
 class JobServer(TwistdServer):
     """twistnet-http, which on start gets one job done so GET has a real job to serve."""
 
-    def __init__(self, state: HttpState, workdir: Path) -> None:
-        super().__init__("twistnet-http", HTTP_ARGS, workdir)
+    def __init__(self, state: HttpState, workdir: Path, baseline: Path | None = None) -> None:
+        args = HTTP_ARGS if baseline is not None else HTTP_ARGS_NOW
+        super().__init__("twistnet-http", args, workdir, baseline)
         self.state = state
+        self.job_path = state.job_path
 
     def start(self) -> int:
         port = super().start()
@@ -872,9 +911,12 @@ class JobServer(TwistdServer):
             raise Missing(
                 f"a first POST /jobs and GET failed: {error!r}; {self.problem()}"
             ) from None
-        self.state.job_path = location
-        self.state.body_file = self.workdir / "job.json"
-        self.state.body_file.write_bytes(body)
+        self.job_path = location
+        if self.state.body_file is None:
+            # The first twistnet-http to start gives the peers their job JSON to serve.
+            self.state.job_path = location
+            self.state.body_file = self.workdir / "job.json"
+            self.state.body_file.write_bytes(body)
         return port
 
     def first_job(self, port: int) -> tuple[str, bytes]:
@@ -891,8 +933,8 @@ class JobServer(TwistdServer):
             time.sleep(0.05)
 
 
-def twistnet_http(state: HttpState) -> Callable[[Path], Server]:
-    return lambda workdir: JobServer(state, workdir)
+def twistnet_http(state: HttpState, baseline: Path | None = None) -> Callable[[Path], Server]:
+    return lambda workdir: JobServer(state, workdir, baseline)
 
 
 def http_workload(settings: Settings) -> Workload:
@@ -900,7 +942,9 @@ def http_workload(settings: Settings) -> Workload:
     workload = Workload(
         "http",
         [
-            Contender("twistnet-http", twistnet_http(state)),
+            *twistnet_contenders(
+                settings, "twistnet-http", lambda baseline: twistnet_http(state, baseline)
+            ),
             Contender(
                 "bare twisted.web", http_peer("bare twisted.web", "http_twisted_web.py", state)
             ),
