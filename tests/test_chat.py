@@ -552,7 +552,7 @@ def test_overlong_line_arriving_in_pieces_is_refused_once_and_discarded():
     _, _, (alice, alice_t), (_, bob_t) = two_people(ChatLimits(max_line=10, rate=0, sendq=0))
     for _ in range(50):
         alice.dataReceived(b"x" * 7)
-    assert len(alice._buffer) <= 10
+    assert len(alice._splitter._buffer) <= 10
     alice.dataReceived(b"xxx\r")
     alice.dataReceived(b"\nafter\n")
     assert take(alice_t) == ["*** Line too long (over 10 bytes): not sent."]
