@@ -12,8 +12,10 @@ once per reactor turn through L{write_now} (see L{Flusher}).
 from __future__ import annotations
 
 import re
+from collections import deque
 
 from attrs import frozen
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from zope.interface import implementer
@@ -113,17 +115,32 @@ class ChatProtocol(ManagedProtocol):
         self._splitter = LineSplitter(limits.max_line)
         self._bucket = TokenBucket(limits.rate, limits.burst, self._clock.seconds())
         self._queue = SendQueue(limits.sendq)
-        name = self.room.join(self)
-        factory.log.info("{peer} joined as {name}", peer=peer_name(self.transport), name=name)
-        self._send_bulk(self._welcome(name))
+        #: Lines accepted but not acted on yet: they wait while the room answers.
+        self._backlog: deque[str] = deque()
+        self._waiting: Deferred | None = None
+        self._draining = False
+        self._paused = False
+        #: Output that arrives before the welcome, sent after it.
+        self._held: list[bytes] | None = []
+        self._wait_for(Deferred.fromCoroutine(self._join()))
 
-    def _welcome(self, name: str) -> bytes:
+    async def _join(self) -> None:
+        name = await self.room.join(self)
+        # Asked at once, so the history holds exactly what this member will not receive.
+        history = self.room.history()
         here = self.room.count()
+        history_lines, count = await history, await here
+        self.factory.log.info("{peer} joined as {name}", peer=peer_name(self.transport), name=name)
+        held, self._held = self._held, None
+        self._send_bulk(self._welcome(name, count, history_lines))
+        for data in held or ():
+            self._reply(data)
+
+    def _welcome(self, name: str, here: int, history: list[bytes]) -> bytes:
         lines = [
             f"*** Welcome to twistnet chat, {name}! {here} here now."
             " /NAME yourname to pick a name, /HELP for commands.",
         ]
-        history = self.room.history()
         if history:
             lines.append(f"*** The last {len(history)} messages:")
             return encode_lines(lines) + b"".join(history) + encode_lines(["*** (end)"])
@@ -132,7 +149,10 @@ class ChatProtocol(ManagedProtocol):
     def connectionClosed(self, reason) -> None:
         self._closing = True
         stopping = getattr(self.factory, "stopping", False)
-        self.room.leave(self, self._leave_reason, announce=not stopping)
+        # Also before the join completed: the room drops a name it was still claiming.
+        self.room.leave(self, self._leave_reason, announce=not stopping).addErrback(
+            self._room_failed, "leaving"
+        )
         self.factory.log.info(
             "{name} ({peer}) left{why}",
             name=self.name,
@@ -171,6 +191,9 @@ class ChatProtocol(ManagedProtocol):
     def _reply(self, data: bytes, exempt: bool = False) -> None:
         """Queue output for this client, in order with what others said (see L{SendQueue})."""
         if self._closing:
+            return
+        if self._held is not None:
+            self._held.append(data)
             return
         if self._queue.put(data, exempt):
             self.factory.flusher.mark(self)
@@ -245,29 +268,73 @@ class ChatProtocol(ManagedProtocol):
         if bucket is not None:
             bucket.refill(self._clock.seconds())
         max_line = self._splitter.max_line
-        batch: list[str] = []
+        backlog = self._backlog
         for raw in lines:
             if self._closing:
-                break
+                return
             if bucket is not None and not bucket.take():
                 self._over_rate(bucket.over())
                 continue
             if len(raw) > max_line:
                 self._refuse_overlong()
                 continue
-            text = _CONTROLS.sub("", raw.decode("utf-8", "replace"))
+            backlog.append(_CONTROLS.sub("", raw.decode("utf-8", "replace")))
+        self._drain()
+
+    def _drain(self) -> None:
+        """
+        Act on the accepted lines in order. A command the room answers later holds back
+        the lines after it (and reading), so they see its outcome: the name it set, say.
+        """
+        if self._draining:
+            return
+        self._draining = True
+        backlog = self._backlog
+        batch: list[str] = []
+        while backlog and self._waiting is None and not self._closing:
+            text = backlog.popleft()
             if text[:1] == "/":
                 if text[:2] != "//":
                     if batch:
                         self.room.broadcast(self, batch)
                         batch = []
-                    self._command(text)
+                    self._wait_for(self._command(text))
                     continue
                 text = text[1:]
             if text and not text.isspace():
                 batch.append(f"{self.name}: {text}")
         if batch:
             self.room.broadcast(self, batch)
+        self._draining = False
+        if backlog and self._waiting is not None and not self._paused:
+            self._paused = True
+            self.transport.pauseProducing()
+
+    def _wait_for(self, answer: Deferred) -> None:
+        self._waiting = answer
+        answer.addErrback(self._room_failed, "asking the room").addBoth(self._answered, answer)
+
+    def _answered(self, _: object, answer: Deferred) -> None:
+        if self._waiting is not answer:
+            return
+        self._waiting = None
+        if self._paused and not self._closing:
+            self._paused = False
+            self.transport.resumeProducing()
+        self._drain()
+
+    def _room_failed(self, failure, doing: str) -> None:
+        self.factory.log.failure(
+            "{name} ({peer}): the room failed {doing}",
+            failure,
+            name=self.name,
+            peer=peer_name(self.transport),
+            doing=doing,
+        )
+        if self._held is not None:
+            # Never got in: there is no room to talk to.
+            self._held = None
+            self.close(encode_lines(["*** The chat cannot take you in now. Try again later."]))
 
     def _refuse_overlong(self) -> None:
         self._notice(f"*** Line too long (over {self._splitter.max_line} bytes): not sent.")
@@ -291,55 +358,57 @@ class ChatProtocol(ManagedProtocol):
 
     # --- commands -------------------------------------------------------------------------
 
-    def _command(self, text: str) -> None:
+    def _command(self, text: str) -> Deferred[None]:
         word, _, rest = text[1:].partition(" ")
         handler = _COMMANDS.get(word.upper())
         if handler is None:
-            self._notice(f"*** Unknown command /{word}. /HELP lists the commands.")
-            return
-        handler(self, rest.strip())
+            return Deferred.fromCoroutine(self._cmd_unknown(word))
+        return Deferred.fromCoroutine(handler(self, rest.strip()))
 
-    def _cmd_name(self, new: str) -> None:
+    async def _cmd_unknown(self, word: str) -> None:
+        self._notice(f"*** Unknown command /{word}. /HELP lists the commands.")
+
+    async def _cmd_name(self, new: str) -> None:
         if not new:
             self._notice(f"*** You are {self.name}. To change it: /NAME newname")
             return
         old = self.name
-        problem = self.room.rename(self, new)
+        problem = await self.room.rename(self, new)
         if problem:
             self._notice(f"*** Cannot take the name {new!r}: {problem}.")
             return
         self.factory.log.info("{old} is now {new}", old=old, new=new)
 
-    def _cmd_who(self, _: str) -> None:
-        names = self.room.who()
+    async def _cmd_who(self, _: str) -> None:
+        names = await self.room.who()
         lines = [f"*** {len(names)} here:"]
         for i in range(0, len(names), WHO_NAMES_PER_LINE):
             lines.append("***   " + " ".join(names[i : i + WHO_NAMES_PER_LINE]))
         self._send_bulk(encode_lines(lines))
 
-    def _cmd_me(self, action: str) -> None:
+    async def _cmd_me(self, action: str) -> None:
         if not action:
             self._notice("*** Usage: /ME action, e.g. /ME waves")
             return
         self.room.broadcast(self, [f"* {self.name} {action}"])
 
-    def _cmd_msg(self, rest: str) -> None:
+    async def _cmd_msg(self, rest: str) -> None:
         recipient, _, text = rest.partition(" ")
         text = text.strip()
         if not recipient or not text:
             self._notice("*** Usage: /MSG name text")
             return
-        if not self.room.private(self, recipient, text):
+        if not await self.room.private(self, recipient, text):
             self._notice(f"*** No one here is called {recipient}.")
             return
         self._notice(f"[private to {recipient}] {text}")
 
-    def _cmd_exit(self, _: str) -> None:
+    async def _cmd_exit(self, _: str) -> None:
         self._leave_reason = "quit"
-        self.room.leave(self, "quit")
+        self.room.leave(self, "quit").addErrback(self._room_failed, "leaving")
         self.close(encode_lines([f"*** Goodbye, {self.name}."]))
 
-    def _cmd_help(self, _: str) -> None:
+    async def _cmd_help(self, _: str) -> None:
         self._send_bulk(encode_lines(HELP_LINES))
 
 
