@@ -8,7 +8,7 @@ from __future__ import annotations
 from redis_support import redis_server_fixture  # noqa: F401  (the redis_server fixture)
 
 from chat_helpers import ChatClient
-from helpers import recv_until_closed
+from helpers import recv_until, recv_until_closed
 
 #: Liveness TTL for the tests: a dead server is noticed within a few seconds.
 TTL = "2"
@@ -37,6 +37,16 @@ def said(client: ChatClient, count: int, marker: bytes = b"said ") -> list[bytes
         line = client.wait_for(marker)
         lines.append(line[line.index(marker) :])
     return lines
+
+
+def everything_until(client: ChatClient, needle: bytes, timeout: float = 20.0) -> bytes:
+    """All that C{client} receives up to and including C{needle}; consumes it."""
+    data = client.received + recv_until(
+        client.sock, lambda got: needle in client.received + got, timeout
+    )
+    end = data.index(needle) + len(needle)
+    client.received = data[end:]
+    return data[:end]
 
 
 def test_telnet_and_nc_on_two_servers_talk_in_one_order(twistd, redis_server):
@@ -84,3 +94,95 @@ def test_telnet_and_nc_on_two_servers_talk_in_one_order(twistd, redis_server):
         assert telnet.wait_for(b"has left") == b"*** Nc has left (quit)"
     for server in (a, b):
         assert "Traceback" not in server.output
+
+
+def two_servers_two_people(twistd, redis_server):
+    a = start_shared(twistd, redis_server)
+    b = start_shared(twistd, redis_server)
+    alice = ChatClient(a.tcp_port, eol=b"\r\n")
+    bob = ChatClient(b.tcp_port)
+    alice.wait_for(f"{bob.name} has joined".encode())
+    alice.rename("alice")
+    bob.rename("bob")
+    return a, b, alice, bob
+
+
+def test_a_killed_server_is_announced_gone_within_the_ttl_and_its_names_freed(twistd, redis_server):
+    a, b, alice, bob = two_servers_two_people(twistd, redis_server)
+    with alice, bob:
+        b.kill()
+        line = alice.wait_for(b"bob has left", timeout=4 * float(TTL) + 5)
+        assert line == b"*** bob has left (their server stopped answering)"
+        alice.send("/who")
+        assert alice.wait_for(b"***   ") == b"***   alice"
+        alice.send("/name BOB")
+        alice.wait_for(b"is now known as BOB")
+        assert alice.received.count(b"has left") == 0, "announced once"
+    assert "Traceback" not in a.output
+
+
+def test_sigterm_announces_the_server_members_departure_to_the_others(twistd, redis_server):
+    a, b, alice, bob = two_servers_two_people(twistd, redis_server)
+    with alice, bob:
+        assert b.terminate() == 0
+        assert b"shutting down" in recv_until_closed(bob.sock)
+        assert alice.wait_for(b"bob has left") == b"*** bob has left (server shutting down)"
+        alice.send("/who")
+        assert alice.wait_for(b"***   ") == b"***   alice"
+    assert "Traceback" not in a.output + b.output
+
+
+def test_redis_restarting_mid_chat_is_told_survived_and_duplicates_nothing(twistd, redis_server):
+    a, b, alice, bob = two_servers_two_people(twistd, redis_server)
+    with alice, bob:
+        alice.send("before")
+        assert bob.wait_for(b"alice:") == b"alice: before"
+        redis_server.kill()
+        assert alice.wait_for(b"unreachable").startswith(b"*** The shared room is unreachable")
+        bob.wait_for(b"unreachable")
+        # Still served on its own server meanwhile.
+        with ChatClient(a.tcp_port) as local:
+            alice.wait_for(f"{local.name} has joined".encode())
+            local.send("only here")
+            assert alice.wait_for(b"only here").endswith(b"only here")
+        redis_server.start()
+        alice.wait_for(b"shared room is back", timeout=30)
+        bob.wait_for(b"shared room is back", timeout=30)
+        alice.send("after")
+        bob.send("reply")
+        alice.send("end of test")
+        heard_by_bob = everything_until(bob, b"alice: end of test")
+        assert heard_by_bob.count(b"alice: after") == 1, "nothing twice"
+        assert b"only here" not in heard_by_bob
+        assert everything_until(alice, b"bob: reply").count(b"bob: reply") == 1
+        bob.send("/who")
+        assert bob.wait_for(b"***   ") == b"***   alice bob"
+    for server in (a, b):
+        assert "Traceback" not in server.output
+        server.wait_for_line("Redis unreachable")
+
+
+def test_a_server_paused_past_its_ttl_finds_it_was_declared_dead_and_comes_back(
+    twistd, redis_server
+):
+    import signal
+
+    a, b, alice, bob = two_servers_two_people(twistd, redis_server)
+    with alice, bob:
+        b.proc.send_signal(signal.SIGSTOP)
+        try:
+            alice.wait_for(b"bob has left", timeout=4 * float(TTL) + 5)
+            # Someone takes bob's name meanwhile.
+            alice.rename("bob")
+        finally:
+            b.proc.send_signal(signal.SIGCONT)
+        line = bob.wait_for(b"someone took the name bob", timeout=20)
+        assert b"you are now guest-" in line
+        newname = line.rsplit(b" ", 1)[1].rstrip(b".").decode()
+        assert alice.wait_for(f"{newname} is back".encode())
+        b.wait_for_line("declared dead")
+        bob.send("still here")
+        assert alice.wait_for(b"still here") == f"{newname}: still here".encode()
+        alice.send("/who")
+        assert alice.wait_for(b"***   ") == f"***   bob {newname}".encode()
+    assert "Traceback" not in a.output + b.output
