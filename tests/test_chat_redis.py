@@ -186,3 +186,25 @@ def test_a_server_paused_past_its_ttl_finds_it_was_declared_dead_and_comes_back(
         alice.send("/who")
         assert alice.wait_for(b"***   ") == f"***   bob {newname}".encode()
     assert "Traceback" not in a.output + b.output
+
+
+def test_an_acl_user_with_a_password_file_talks_and_the_password_never_reaches_a_log(
+    twistd, redis_server, tmp_path
+):
+    password = "not-for-logs-7f3a"
+    redis_server.cli("ACL", "SETUSER", "chat", "on", f">{password}", "~*", "&*", "+@all")
+    redis_server.cli("ACL", "SETUSER", "default", "off")
+    secret = tmp_path / "redis-password"
+    secret.write_text(password + "\n")
+    url = f"unix://chat@{redis_server.socket}?db=0"
+    a = start_shared(twistd, redis_server, "--redis", url, "--redis-password-file", str(secret))
+    b = start_shared(
+        twistd, redis_server, "--redis", f"unix://chat:{password}@{redis_server.socket}"
+    )
+    with ChatClient(a.tcp_port) as alice, ChatClient(b.tcp_port) as bob:
+        alice.wait_for(f"{bob.name} has joined".encode())
+        bob.send("hello")
+        assert alice.wait_for(b"hello") == f"{bob.name}: hello".encode()
+    for server in (a, b):
+        assert password not in server.output
+        assert "unix://chat:***@" in server.output
