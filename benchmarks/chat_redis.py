@@ -40,6 +40,16 @@ PROBES = 5
 LIMITS = ("--rate", "100000", "--burst", "100000", "--max-clients", "20000")
 
 
+def redis_argv(sock: Path, directory: Path) -> list[str]:
+    """A redis-server for the chat: unix socket only, nothing persisted, never evicting."""
+    return [
+        "redis-server",
+        *("--port", "0", "--unixsocket", str(sock), "--unixsocketperm", "700"),
+        *("--save", "", "--appendonly", "no", "--maxmemory-policy", "noeviction"),
+        *("--dir", str(directory)),
+    ]
+
+
 class Client:
     def __init__(self, port: int, server: int, probe: bool, single: bool) -> None:
         self.sock = socket.create_connection(("127.0.0.1", port))
@@ -165,24 +175,7 @@ def main(argv: list[str] | None = None) -> None:
     raise_fd_limit(args.clients * 2 + args.idle + 1000)
     work = Path(tempfile.mkdtemp(prefix="chat-redis-bench-"))
     sock = work / "redis.sock"
-    redis = subprocess.Popen(
-        [
-            "redis-server",
-            "--port",
-            "0",
-            "--unixsocket",
-            str(sock),
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--maxmemory-policy",
-            "noeviction",
-            "--dir",
-            str(work),
-        ],
-        stdout=subprocess.DEVNULL,
-    )
+    redis = subprocess.Popen(redis_argv(sock, work), stdout=subprocess.DEVNULL)
     twistd = twistd_executable("twistnet-chat")
     listen = ("--listen", "tcp:0:interface=127.0.0.1:backlog=4096")
     shared: list[Server] = [

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks.chat_redis import redis_argv
 from helpers import wait_until
 
 
@@ -24,23 +25,7 @@ class RedisServer:
     def start(self) -> None:
         self.socket.unlink(missing_ok=True)
         self.proc = subprocess.Popen(
-            [
-                "redis-server",
-                "--port",
-                "0",
-                "--unixsocket",
-                str(self.socket),
-                "--unixsocketperm",
-                "700",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--maxmemory-policy",
-                "noeviction",
-                "--dir",
-                str(self.directory),
-            ],
+            redis_argv(self.socket, self.directory),
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
