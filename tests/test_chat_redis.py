@@ -5,6 +5,8 @@ redis-server, with telnet-like (CR LF) and nc-like (LF) clients on different ser
 
 from __future__ import annotations
 
+import socket
+
 from redis_support import redis_server_fixture  # noqa: F401  (the redis_server fixture)
 
 from chat_helpers import ChatClient
@@ -208,3 +210,14 @@ def test_an_acl_user_with_a_password_file_talks_and_the_password_never_reaches_a
     for server in (a, b):
         assert password not in server.output
         assert "unix://chat:***@" in server.output
+
+
+def test_clients_gone_before_their_join_completed_leave_no_name_claimed(twistd, redis_server):
+    a = start_shared(twistd, redis_server)
+    for _ in range(30):
+        socket.create_connection(("127.0.0.1", a.tcp_port)).close()
+    with ChatClient(a.tcp_port) as last:
+        last.send("/who")
+        assert last.wait_for(b"***   ") == f"***   {last.name}".encode()
+        assert redis_server.cli("HLEN", "{twistnet}:names") == "1"
+    assert "Traceback" not in a.output

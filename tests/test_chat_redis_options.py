@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections import deque
+
 import pytest
 from twisted.internet.testing import MemoryReactorClock
 from twisted.python import usage
@@ -107,3 +109,58 @@ def test_make_service_with_redis_runs_the_shared_room_as_a_service():
     assert not any(
         isinstance(child, RedisRoom) for child in chat.makeService(parse(), MemoryReactorClock())
     )
+
+
+# --- what the room does with the stream entries it reads (no Redis needed) -----------------
+
+
+class Member:
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.got: list[bytes] = []
+
+    def deliver(self, encoded: bytes) -> None:
+        self.got.append(encoded)
+
+
+def room_with(*members: Member) -> RedisRoom:
+    room = RedisRoom(connect=lambda: None, clock=MemoryReactorClock())
+    for i, member in enumerate(members):
+        room._member_ids[member] = str(i)
+        room._by_id[str(i)] = member
+    return room
+
+
+def entry(seq: int, data: str, kind: str = "line", skip: str = "", to: str = "") -> dict:
+    return {"seq": str(seq), "kind": kind, "skip": skip, "to": to, "data": data}
+
+
+def test_a_gap_in_the_sequence_tells_members_how_many_lines_they_missed():
+    alice = Member("alice")
+    room = room_with(alice)
+    room._dispatch(entry(1, "bob: one\r\n"))
+    room._dispatch(entry(5, "bob: five\r\n"))
+    assert alice.got == [
+        b"bob: one\r\n",
+        b"*** This server fell behind: you missed 3 lines.\r\n",
+        b"bob: five\r\n",
+    ]
+
+
+def test_an_entry_seen_before_is_not_delivered_twice():
+    alice = Member("alice")
+    room = room_with(alice)
+    for seq in (1, 2, 2, 1, 3):
+        room._dispatch(entry(seq, f"bob: {seq}\r\n"))
+    assert alice.got == [b"bob: 1\r\n", b"bob: 2\r\n", b"bob: 3\r\n"]
+
+
+def test_the_sender_is_skipped_and_a_private_line_reaches_only_its_owner():
+    alice, bob = Member("alice"), Member("bob")
+    room = room_with(alice, bob)
+    room._dispatch(entry(1, "alice: hi\r\n", skip=f"{room.server_id}:0"))
+    room._dispatch(entry(2, "[private] x: psst\r\n", kind="private", to=f"{room.server_id}:1"))
+    room._dispatch(entry(3, "[private] x: no\r\n", kind="private", to="otherserver:1"))
+    assert alice.got == []
+    assert bob.got == [b"alice: hi\r\n", b"[private] x: psst\r\n"]
+    assert room._history == deque([b"alice: hi\r\n"])

@@ -126,6 +126,8 @@ class ChatProtocol(ManagedProtocol):
 
     async def _join(self) -> None:
         name = await self.room.join(self)
+        if self._closing:
+            return
         # Asked at once, so the history holds exactly what this member will not receive.
         history = self.room.history()
         here = self.room.count()

@@ -33,11 +33,18 @@ end
 #: KEYS names members stream seq guests
 #: ARGV owner member maxlen guest_prefix guest_key_prefix wanted_key wanted what
 #: Claims C{wanted} (if free or already ours) or a fresh guest name; announces it with
-#: C{what} unless it was already ours. Returns the name.
+#: C{what} unless it was already ours; gives up a name the member held before. Returns the
+#: name.
 JOIN = (
     _APPEND
     + """
 local owner, name, key = ARGV[1], nil, nil
+-- A name this member held before (claimed by an attempt that timed out, or renamed while
+-- Redis was out of reach) is given up first, so it cannot stay behind as a ghost.
+local previous = redis.call('HGET', KEYS[2], ARGV[2])
+if previous and previous ~= ARGV[6] and owned_by(redis.call('HGET', KEYS[1], previous), owner) then
+  redis.call('HDEL', KEYS[1], previous)
+end
 if ARGV[6] ~= '' then
   local held = redis.call('HGET', KEYS[1], ARGV[6])
   if held == owner .. ' ' .. ARGV[7] then

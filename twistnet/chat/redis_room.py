@@ -461,11 +461,13 @@ class RedisRoom(Service):
     # --- IRoom ----------------------------------------------------------------------------
 
     async def _join(self, member: IMember) -> str:
-        await self._first_attempt
         self._next_id += 1
         member_id = str(self._next_id)
         self._member_ids[member] = member_id
         self._by_id[member_id] = member
+        await self._first_attempt
+        if member not in self._member_ids:
+            return ""  # gone while this server was still registering: nothing to claim
         if self._shared:
             try:
                 return await self._claim(member, "has joined")
@@ -524,7 +526,7 @@ class RedisRoom(Service):
             return succeed(None)
         del self._by_id[member_id]
         if not (self._shared and self._running):
-            if announce:
+            if announce and member.name:
                 why = f" ({reason})" if reason else ""
                 self._deliver_here("notice", f"*** {member.name} has left{why}{EOL}", None)
             return succeed(None)
