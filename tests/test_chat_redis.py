@@ -13,7 +13,7 @@ from chat_helpers import ChatClient
 from helpers import recv_until, recv_until_closed
 
 #: Liveness TTL for the tests: a dead server is noticed within a few seconds.
-TTL = "2"
+TTL = "3"
 
 
 def start_shared(twistd, redis, *args: str):

@@ -191,6 +191,8 @@ class RedisRoom(Service):
         self._local_guest_prefix = f"{guest_prefix}{self.server_id[:4]}-"
         self._local_guests = 0
         self._member_ids: dict[IMember, str] = {}
+        #: Members whose join waits for this server's first registration.
+        self._joining: set[IMember] = set()
         self._by_id: dict[str, IMember] = {}
         self._next_id = 0
         self._history: deque[bytes] = deque(maxlen=history_size)
@@ -325,7 +327,8 @@ class RedisRoom(Service):
             if member_id not in self._by_id:
                 await self._leave_script(member_id, "", announce=True)
         for member in list(self._member_ids):
-            await self._claim(member, "is back")
+            if member not in self._joining:
+                await self._claim(member, "is back")
         was_shared = self._ever_shared
         self._shared = self._ever_shared = True
         if was_shared:
@@ -465,7 +468,11 @@ class RedisRoom(Service):
         member_id = str(self._next_id)
         self._member_ids[member] = member_id
         self._by_id[member_id] = member
-        await self._first_attempt
+        self._joining.add(member)
+        try:
+            await self._first_attempt
+        finally:
+            self._joining.discard(member)
         if member not in self._member_ids:
             return ""  # gone while this server was still registering: nothing to claim
         if self._shared:
