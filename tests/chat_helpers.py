@@ -10,6 +10,7 @@ from twisted.internet import task
 from twisted.internet.testing import StringTransport
 
 from helpers import connect, recv_until
+from http_support import result_of as now  # noqa: F401  (re-exported for the chat tests)
 from twistnet.chat.protocol import ChatFactory, ChatLimits, ChatProtocol
 from twistnet.chat.room import Room
 

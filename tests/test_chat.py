@@ -18,6 +18,7 @@ from chat_helpers import (
     hang_up,
     join,
     make_chat,
+    now,
     peak_rss_kib,
     sent,
     take,
@@ -71,8 +72,8 @@ def test_room_provides_iroom_and_protocol_provides_imember():
 def test_join_gives_unique_provisional_names_and_announces_to_others():
     room = Room()
     alice, bob = Member(), Member()
-    assert room.join(alice) == "guest-1"
-    assert room.join(bob) == "guest-2"
+    assert now(room.join(alice)) == "guest-1"
+    assert now(room.join(bob)) == "guest-2"
     assert alice.got == [b"*** guest-2 has joined\r\n"]
     assert bob.got == []
 
@@ -81,8 +82,8 @@ def test_provisional_name_skips_a_name_someone_took():
     room = Room()
     first = Member()
     room.join(first)
-    assert room.rename(first, "GUEST-2") is None
-    assert room.join(Member()) == "guest-3"
+    assert now(room.rename(first, "GUEST-2")) is None
+    assert now(room.join(Member())) == "guest-3"
 
 
 @pytest.mark.parametrize(
@@ -101,7 +102,7 @@ def test_bad_names_are_refused_with_a_reason(name, problem):
     room = Room()
     member = Member()
     room.join(member)
-    assert problem in room.rename(member, name)
+    assert problem in now(room.rename(member, name))
     assert member.name == "guest-1"
 
 
@@ -115,11 +116,11 @@ def test_names_are_unique_ignoring_case_but_own_case_change_is_fine():
     alice, bob = Member(), Member()
     room.join(alice)
     room.join(bob)
-    assert room.rename(alice, "Alice") is None
-    assert room.rename(bob, "ALICE") == "Alice is already taken"
-    assert room.rename(alice, "alice") is None
-    assert room.rename(alice, "alice") == "you are already called alice"
-    assert room.who() == ["alice", "guest-2"]
+    assert now(room.rename(alice, "Alice")) is None
+    assert now(room.rename(bob, "ALICE")) == "Alice is already taken"
+    assert now(room.rename(alice, "alice")) is None
+    assert now(room.rename(alice, "alice")) == "you are already called alice"
+    assert now(room.who()) == ["alice", "guest-2"]
     assert bob.got[-1] == b"*** Alice is now known as alice\r\n"
 
 
@@ -154,7 +155,7 @@ def test_history_keeps_the_last_n_broadcasts_oldest_first():
     room.broadcast(sender, ["a: 1"])
     room.broadcast(sender, ["a: 2", "a: 3"])
     room.announce("*** notices are not history")
-    assert room.history() == [b"a: 2\r\n", b"a: 3\r\n"]
+    assert now(room.history()) == [b"a: 2\r\n", b"a: 3\r\n"]
 
 
 def test_private_goes_to_that_member_only_and_names_ignore_case():
@@ -165,8 +166,8 @@ def test_private_goes_to_that_member_only_and_names_ignore_case():
     room.rename(bob, "Bob")
     for member in (alice, bob, carol):
         member.got.clear()
-    assert room.private(alice, "bOB", "psst")
-    assert not room.private(alice, "nobody", "psst")
+    assert now(room.private(alice, "bOB", "psst"))
+    assert not now(room.private(alice, "nobody", "psst"))
     assert bob.got == [b"[private] guest-1: psst\r\n"]
     assert alice.got == carol.got == []
 
@@ -180,7 +181,7 @@ def test_leave_is_announced_idempotent_and_can_be_silent():
     room.leave(alice, "again")
     room.leave(bob, announce=False)
     assert carol.got[-1] == b"*** guest-1 has left (quit)\r\n"
-    assert room.who() == ["guest-3"]
+    assert now(room.who()) == ["guest-3"]
     assert len(room) == 1
 
 
@@ -197,23 +198,24 @@ class RecordingRoom:
     def join(self, member):
         member.name = "remote-7"
         self.calls.append(("join", member.name))
-        return member.name
+        return defer.succeed(member.name)
 
     def leave(self, member, reason="", announce=True):
         self.calls.append(("leave", reason, announce))
+        return defer.succeed(None)
 
     def rename(self, member, new):
         self.calls.append(("rename", new))
         if new == "taken":
-            return "someone has it"
+            return defer.succeed("someone has it")
         member.name = new
-        return None
+        return defer.succeed(None)
 
     def who(self):
-        return ["remote-7", "elsewhere"]
+        return defer.succeed(["remote-7", "elsewhere"])
 
     def count(self):
-        return 2
+        return defer.succeed(2)
 
     def broadcast(self, sender, lines):
         self.calls.append(("broadcast", list(lines)))
@@ -223,10 +225,10 @@ class RecordingRoom:
 
     def private(self, sender, recipient, line):
         self.calls.append(("private", recipient, line))
-        return recipient == "elsewhere"
+        return defer.succeed(recipient == "elsewhere")
 
     def history(self):
-        return [b"old: message\r\n"]
+        return defer.succeed([b"old: message\r\n"])
 
 
 def test_protocol_speaks_only_through_the_room_interface():
@@ -492,7 +494,7 @@ def test_exit_says_goodbye_closes_and_is_announced(pair, command):
     assert alice_t.disconnecting
     assert take(bob_t) == ["*** guest-1 has left (quit)"]
     alice.connectionLost(None)
-    assert factory.room.who() == ["guest-2"]
+    assert now(factory.room.who()) == ["guest-2"]
     assert take(bob_t) == []
 
 
@@ -533,7 +535,7 @@ def test_hang_up_leaves_the_room_and_is_announced(pair):
     factory, _, (alice, alice_t), (_, bob_t) = pair
     hang_up(alice, alice_t)
     assert take(bob_t) == ["*** guest-1 has left"]
-    assert factory.room.who() == ["guest-2"]
+    assert now(factory.room.who()) == ["guest-2"]
     assert len(factory.registry) == 1
 
 
@@ -552,7 +554,7 @@ def test_overlong_line_arriving_in_pieces_is_refused_once_and_discarded():
     _, _, (alice, alice_t), (_, bob_t) = two_people(ChatLimits(max_line=10, rate=0, sendq=0))
     for _ in range(50):
         alice.dataReceived(b"x" * 7)
-    assert len(alice._buffer) <= 10
+    assert len(alice._splitter._buffer) <= 10
     alice.dataReceived(b"xxx\r")
     alice.dataReceived(b"\nafter\n")
     assert take(alice_t) == ["*** Line too long (over 10 bytes): not sent."]
@@ -606,7 +608,7 @@ def test_non_reading_member_is_cut_off_at_sendq_and_logged_others_served(logged)
     assert slow_t.disconnected
     assert len(sent(slow_t)) <= 300 + 200, "cut off near the cap, not far past it"
     slow.connectionLost(None)
-    assert factory.room.who() == ["guest-1", "guest-3"]
+    assert now(factory.room.who()) == ["guest-1", "guest-3"]
     assert take(bob_t) == ["*** slowpoke has left (not reading, send queue full)"]
     warnings = [text for level, text in logged if level == LogLevel.warn]
     assert any("disconnecting slowpoke" in text and "--sendq 300" in text for text in warnings)
@@ -677,7 +679,7 @@ def test_sendq_falls_back_to_producer_pauses_on_opaque_transports():
     assert slow_t.producer is None, "unregistered, so closing does not wait for it"
     assert b"2" * 60 not in slow_t.sent()
     slow.connectionLost(None)
-    assert factory.room.who() == ["guest-1"]
+    assert now(factory.room.who()) == ["guest-1"]
     take(talker_t)
 
 
@@ -690,7 +692,7 @@ def test_room_full_is_told_and_closed():
     third.dataReceived(b"/nick sneaky\n")
     third.connectionLost(None)
     assert len(factory.room) == 2
-    assert factory.room.who() == ["guest-1", "guest-2"]
+    assert now(factory.room.who()) == ["guest-1", "guest-2"]
 
 
 def test_idle_timeout_counts_only_complete_lines():
@@ -709,7 +711,7 @@ def test_idle_timeout_counts_only_complete_lines():
     assert sent(trickler_t).endswith(ChatProtocol.idle_message)
     trickler.connectionLost(None)
     reader.connectionLost(None)
-    assert factory.room.who() == ["guest-1"]
+    assert now(factory.room.who()) == ["guest-1"]
     assert "has left (idle timeout)" in take(talker_t)[-1]
     talker.connectionLost(None)
     assert clock.getDelayedCalls() == []
@@ -907,3 +909,74 @@ def test_room_full_end_to_end(twistd):
     with ChatClient(server.tcp_port), connect(server.tcp_port) as second:
         assert recv_until_closed(second) == b"*** The chat room is full, try again later.\r\n"
     server.wait_for_line(r"refused at --max-clients 1: 127\.0\.0\.1:\d+")
+
+
+# --- a room that answers later, as one behind a broker does ---------------------------------
+
+
+class SlowRoom(Room):
+    """The in-memory room, but join and rename answer only when the test says so."""
+
+    def __init__(self):
+        super().__init__()
+        self.unanswered: list[tuple[defer.Deferred, object]] = []
+
+    def _later(self, answer):
+        later = defer.Deferred()
+        self.unanswered.append((later, now(answer)))
+        return later
+
+    def join(self, member):
+        return self._later(super().join(member))
+
+    def rename(self, member, new):
+        return self._later(super().rename(member, new))
+
+    def answer_all(self):
+        """Answer what was asked so far (not what those answers lead to)."""
+        asked, self.unanswered = self.unanswered, []
+        for later, result in asked:
+            later.callback(result)
+
+
+def test_lines_sent_before_the_join_completed_wait_for_it_in_order():
+    room = SlowRoom()
+    factory, _ = make_chat(room=room)
+    _, bob_t = join(factory)
+    room.answer_all()
+    take(bob_t)
+    alice, alice_t = join(factory)
+    alice.dataReceived(b"first\n/NAME alice\nsecond\n")
+    assert take(bob_t) == ["*** guest-2 has joined"]
+    assert take(alice_t) == [], "nothing before the welcome"
+    assert alice_t.producerState == "paused", "reading waits while lines wait"
+    room.answer_all()  # the join; then "second" waits for the rename's answer
+    assert take(bob_t) == ["guest-2: first", "*** guest-2 is now known as alice"]
+    room.answer_all()
+    assert take(bob_t) == ["alice: second"]
+    assert alice_t.producerState == "producing"
+    welcome = take(alice_t)
+    assert welcome[0].startswith("*** Welcome to twistnet chat, guest-2! 2 here now.")
+
+
+def test_output_arriving_before_the_welcome_follows_it():
+    room = SlowRoom()
+    factory, _ = make_chat(room=room)
+    bob, _ = join(factory)
+    room.answer_all()
+    _, alice_t = join(factory)
+    bob.dataReceived(b"early\n")
+    room.answer_all()
+    lines = take(alice_t)
+    assert lines[0].startswith("*** Welcome to twistnet chat, guest-2!")
+    assert lines[-1] == "guest-1: early"
+
+
+def test_a_client_gone_before_its_join_completed_leaves_no_name():
+    room = SlowRoom()
+    factory, _ = make_chat(room=room)
+    alice, alice_t = join(factory)
+    hang_up(alice, alice_t)
+    room.answer_all()
+    assert now(room.who()) == []
+    assert alice_t.value() == b""

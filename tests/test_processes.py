@@ -13,7 +13,9 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from redis_support import redis_server_fixture  # noqa: F401  (the redis_server fixture)
 
+from chat_helpers import ChatClient
 from helpers import TWISTD, connect, recv_exactly, run_twistd, wait_until
 
 LOCAL = "tcp:0:interface=127.0.0.1"
@@ -165,7 +167,7 @@ def test_daemon_mode_one_pidfile_the_parents(tmp_path):
 @pytest.mark.parametrize(
     ("plugin", "argv", "message"),
     [
-        ("twistnet-chat", [], "N processes would be N separate rooms"),
+        ("twistnet-chat", [], "share it through Redis (--redis URL) or run one process"),
         ("twistnet-http", [], "N processes would be N separate job services"),
         ("twistnet-log", [], "run one process per file"),
         ("twistnet-echo", ["--udp-port", "0"], "UDP echo is not shared between processes"),
@@ -186,3 +188,38 @@ def test_auto_is_one_process_per_cpu():
 
     assert process_count("auto") == (os.cpu_count() or 1)
     assert process_count("3") == 3
+
+
+def test_chat_on_two_processes_is_one_room_through_redis(twistd, redis_server):
+    server = twistd(
+        "twistnet-chat",
+        "--listen",
+        LOCAL,
+        "--redis",
+        redis_server.url,
+        "--redis-ttl",
+        "3",
+        "--processes",
+        "2",
+    )
+    port = server.port()
+    pids = child_pids(server, 2)
+    for index in (1, 2):
+        server.wait_for_line(rf"\[child {index}\] .*chat room shared through Redis")
+    clients, owners = [], []
+    try:
+        # Connect until two people sit on different children (the kernel spreads them).
+        while len(set(owners)) < 2 and len(clients) < 40:
+            client = ChatClient(port)  # returns once welcomed
+            clients.append(client)
+            owners.append(serving_pid(client.sock, port, pids.values()))
+        assert len(set(owners)) == 2, owners
+        speaker, listener = clients[0], clients[-1]
+        speaker.send("hello across processes")
+        assert b"hello across processes" in listener.wait_for(b"hello across processes")
+        listener.send("and back")
+        assert b"and back" in speaker.wait_for(b"and back")
+    finally:
+        for client in clients:
+            client.close()
+    assert server.terminate() == 0

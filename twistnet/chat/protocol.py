@@ -1,46 +1,31 @@
 """
-The chat protocol: one connection's framing, telnet bytes, commands and limits.
+The chat protocol: one connection's commands, glued to IO-free parts.
 
-Everything shared (names, history, delivery to others) goes through an L{IRoom}; this module
-only talks to the wire. It is written for throughput: whole chunks are split at once (no
-C{LineReceiver}, which re-scans its buffer for every line), consecutive plain lines of one
-chunk go to the room as one broadcast, and each member's output is sent once per reactor turn
-through L{write_now} (see L{Flusher}).
-
-Framing: a line ends at CR LF (telnet), CR NUL (telnet's bare CR), bare LF (nc) or bare CR.
-
-Telnet: IAC sequences never reach a line. The server refuses every option: each C{DO x} is
-answered C{WONT x} and each C{WILL x} is answered C{DONT x}, every time (telnet's Ctrl-C sends
-C{IAC IP IAC DO TIMING-MARK} and discards all output until the answer arrives). It never
-asks for an option itself and never answers C{WONT}/C{DONT}, so no negotiation can loop
-(RFC 854, RFC 1143). Other two-byte commands (C{IAC IP}, C{AYT}, ...) and whole
-subnegotiations are dropped; C{IAC IAC} is the data byte 0xFF (which is not UTF-8, so it
-reads as U+FFFD). Nothing malformed raises: an unknown command byte is dropped with its IAC.
-The answers are ordinary output, so a client flooding requests without reading meets the
-send-queue cap.
+L{telnet.TelnetFilter} strips telnet commands, L{lines.LineSplitter} frames lines,
+L{flow.TokenBucket} limits the rate, L{flow.SendQueue} holds and caps the output; this class
+only connects them to the transport and the room. Everything shared (names, history,
+delivery to others) goes through an L{IRoom}. It is written for throughput: consecutive
+plain lines of one chunk go to the room as one broadcast, and each member's output is sent
+once per reactor turn through L{write_now} (see L{Flusher}).
 """
 
 from __future__ import annotations
 
 import re
+from collections import deque
 
 from attrs import frozen
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from zope.interface import implementer
 
 from twistnet._connections import ManagedFactory, ManagedProtocol, peer_name
 from twistnet._internals import PauseCounter, pending_output_probe, write_now
+from twistnet.chat.flow import SendQueue, TokenBucket, Verdict
+from twistnet.chat.lines import LineSplitter
 from twistnet.chat.room import EOL, IMember, IRoom, encode_lines
-
-#: Telnet command bytes (RFC 854).
-IAC, SB, SE, WILL, WONT, DO, DONT = 255, 250, 240, 251, 252, 253, 254
-_IAC = b"\xff"
-_IAC_SE = b"\xff\xf0"
-_REFUSAL = {DO: WONT, WILL: DONT}
-
-#: Any line end; CR LF and CR NUL first so they count as one.
-_LINE_END = re.compile(rb"\r\n|\r\x00|\r|\n")
+from twistnet.chat.telnet import TelnetFilter
 
 #: C0 and C1 control characters other than TAB: shown to others they could drive their
 #: terminals (escape sequences, bells, clearing the screen), so they are removed.
@@ -118,10 +103,6 @@ class ChatProtocol(ManagedProtocol):
         limits: ChatLimits = factory.limits
         self.room = factory.room
         self._clock: IReactorTime = factory.clock
-        self._max_line = limits.max_line
-        self._rate = limits.rate
-        self._burst = limits.burst
-        self._sendq = limits.sendq
         self._pending = pending_output_probe(self.transport) if limits.sendq else None
         self._counter = self._pending if isinstance(self._pending, PauseCounter) else None
         if limits.sendq and self._pending is None:
@@ -130,29 +111,38 @@ class ChatProtocol(ManagedProtocol):
                 kind=type(self.transport).__name__,
             )
         _no_delay(self.transport)
-        self._out: list[bytes] | None = None
-        self._credit = 0
-        self._exempt_queued = 0
-        self._buffer = b""
-        self._after_cr = False
-        self._discarding = False
-        self._telnet_tail = b""
-        self._in_subnegotiation = False
-        self._tokens = float(limits.burst)
-        self._stamp = self._clock.seconds()
-        self._warned = False
-        self._dropped = 0
-        name = self.room.join(self)
-        factory.log.info("{peer} joined as {name}", peer=peer_name(self.transport), name=name)
-        self._send_bulk(self._welcome(name))
+        self._telnet = TelnetFilter()
+        self._splitter = LineSplitter(limits.max_line)
+        self._bucket = TokenBucket(limits.rate, limits.burst, self._clock.seconds())
+        self._queue = SendQueue(limits.sendq)
+        #: Lines accepted but not acted on yet: they wait while the room answers.
+        self._backlog: deque[str] = deque()
+        self._waiting: Deferred | None = None
+        self._draining = False
+        self._paused = False
+        #: Output that arrives before the welcome, sent after it.
+        self._held: list[bytes] | None = []
+        self._wait_for(Deferred.fromCoroutine(self._join()))
 
-    def _welcome(self, name: str) -> bytes:
+    async def _join(self) -> None:
+        name = await self.room.join(self)
+        if self._closing:
+            return
+        # Asked at once, so the history holds exactly what this member will not receive.
+        history = self.room.history()
         here = self.room.count()
+        history_lines, count = await history, await here
+        self.factory.log.info("{peer} joined as {name}", peer=peer_name(self.transport), name=name)
+        held, self._held = self._held, None
+        self._send_bulk(self._welcome(name, count, history_lines))
+        for data in held or ():
+            self._reply(data)
+
+    def _welcome(self, name: str, here: int, history: list[bytes]) -> bytes:
         lines = [
             f"*** Welcome to twistnet chat, {name}! {here} here now."
             " /NAME yourname to pick a name, /HELP for commands.",
         ]
-        history = self.room.history()
         if history:
             lines.append(f"*** The last {len(history)} messages:")
             return encode_lines(lines) + b"".join(history) + encode_lines(["*** (end)"])
@@ -161,7 +151,10 @@ class ChatProtocol(ManagedProtocol):
     def connectionClosed(self, reason) -> None:
         self._closing = True
         stopping = getattr(self.factory, "stopping", False)
-        self.room.leave(self, self._leave_reason, announce=not stopping)
+        # Also before the join completed: the room drops a name it was still claiming.
+        self.room.leave(self, self._leave_reason, announce=not stopping).addErrback(
+            self._room_failed, "leaving"
+        )
         self.factory.log.info(
             "{name} ({peer}) left{why}",
             name=self.name,
@@ -195,62 +188,41 @@ class ChatProtocol(ManagedProtocol):
 
     def deliver(self, encoded: bytes) -> None:
         """L{IMember.deliver}: queue C{encoded} for this reactor turn's flush."""
-        if self._closing:
-            return
-        out = self._out
-        if out is None:
-            self._out = [encoded]
-            self.factory.flusher.mark(self)
-        else:
-            out.append(encoded)
+        self._reply(encoded)
 
     def _reply(self, data: bytes, exempt: bool = False) -> None:
-        """
-        Queue the server's own output for this client, in order with what others said.
-        C{exempt} output (welcome, history, /WHO, /HELP) may overrun the send-queue cap by
-        its own size, so an honest client never trips the cap on the server's bulk output.
-        """
-        if exempt and len(data) > self._exempt_queued:
-            self._exempt_queued = len(data)
-        self.deliver(data)
+        """Queue output for this client, in order with what others said (see L{SendQueue})."""
+        if self._closing:
+            return
+        if self._held is not None:
+            self._held.append(data)
+            return
+        if self._queue.put(data, exempt):
+            self.factory.flusher.mark(self)
 
     def flush(self) -> None:
         """
         Send what was queued since the last flush in one write, unless that would leave
         more than --sendq bytes unsent (the server's exempt bulk output not counted).
         """
-        out = self._out
-        self._out = None
-        if self._closing or not out:
+        data = self._queue.take()
+        if self._closing or not data:
             return
-        data = out[0] if len(out) == 1 else b"".join(out)
+        pending = 0
         probe = self._pending
         if probe is not None:
             pending = probe()
-            exempt = self._exempt_queued
-            self._exempt_queued = 0
-            if pending or exempt:
-                # What is still unsent of earlier exempt output is at most all that is
-                # unsent. One exempt burst at a time is allowed: taking the max rather
-                # than the sum means a client repeating /WHO without reading still trips.
-                credit = max(min(self._credit, pending), exempt)
-                self._credit = credit
-                if pending + len(data) - credit > self._sendq:
-                    self._overflow(pending + len(data))
-                    return
-            else:
-                # All sent: nothing of earlier exempt output can still be waiting.
-                self._credit = 0
-            self.factory.counts.bytes_out += len(data)
+            if not self._queue.fits(pending, len(data)):
+                self._overflow(pending + len(data))
+                return
             if self._counter is not None:
                 self._counter.wrote(len(data))
-            if pending:
-                # Queued behind what is unsent anyway: no point trying to send now.
-                self.transport.write(data)
-                return
+        self.factory.counts.bytes_out += len(data)
+        if pending:
+            # Queued behind what is unsent anyway: no point trying to send now.
+            self.transport.write(data)
         else:
-            self.factory.counts.bytes_out += len(data)
-        write_now(self.transport, data)
+            write_now(self.transport, data)
 
     def _send_bulk(self, data: bytes) -> None:
         self._reply(data, exempt=True)
@@ -267,7 +239,7 @@ class ChatProtocol(ManagedProtocol):
             name=self.name,
             peer=peer_name(self.transport),
             pending=pending,
-            cap=self._sendq,
+            cap=self._queue.cap,
         )
         self.release_transport()
         abort = getattr(self.transport, "abortConnection", None)
@@ -283,207 +255,171 @@ class ChatProtocol(ManagedProtocol):
         if self._closing:
             return
         self.factory.counts.bytes_in += len(data)
-        if self._telnet_tail or self._in_subnegotiation or _IAC in data:
-            data = self._strip_telnet(self._telnet_tail + data)
-        if not data:
-            return
-        if self._after_cr:
-            self._after_cr = False
-            if data[0] in (0, 10):
-                data = data[1:]
-        if b"\r" in data:
-            self._after_cr = data.endswith(b"\r")
-            parts = _LINE_END.split(data)
-        else:
-            parts = data.split(b"\n")
-        tail = parts.pop()
-        if parts:
-            if self._discarding:
-                # The end of a line already refused as overlong.
-                self._discarding = False
-                del parts[0]
-            elif self._buffer:
-                parts[0] = self._buffer + parts[0]
-            self._buffer = tail
-        elif not self._discarding:
-            self._buffer += tail
-        if len(self._buffer) > self._max_line:
-            self._buffer = b""
-            self._discarding = True
+        data, answers = self._telnet.feed(data)
+        if answers:
+            # Ordinary output: a client flooding requests without reading meets --sendq.
+            self._reply(answers)
+        lines, overflowed = self._splitter.feed(data)
+        if overflowed:
             self._refuse_overlong()
-        if parts:
+        if lines:
             # Only complete lines count as activity: a client trickling bytes of a line it
             # never finishes idles out (the slowloris defence), and is the first evicted
             # when the room is full.
             self.spoke()
-            self.factory.counts.lines_in += len(parts)
-            self._lines(parts)
+            self.factory.counts.lines_in += len(lines)
+            self._lines(lines)
 
     def _lines(self, lines: list[bytes]) -> None:
-        rate = self._rate
-        if rate:
-            now = self._clock.seconds()
-            tokens = self._tokens + (now - self._stamp) * rate
-            self._stamp = now
-            if tokens >= self._burst:
-                tokens = float(self._burst)
-                self._warned = False
-                self._dropped = 0
-            self._tokens = tokens
-        max_line = self._max_line
-        batch: list[str] = []
+        bucket = self._bucket if self._bucket.rate else None
+        if bucket is not None:
+            bucket.refill(self._clock.seconds())
+        max_line = self._splitter.max_line
+        backlog = self._backlog
         for raw in lines:
             if self._closing:
-                break
-            if rate:
-                if self._tokens < 1:
-                    self._over_rate()
-                    continue
-                self._tokens -= 1
+                return
+            if bucket is not None and not bucket.take():
+                self._over_rate(bucket.over())
+                continue
             if len(raw) > max_line:
                 self._refuse_overlong()
                 continue
-            text = _CONTROLS.sub("", raw.decode("utf-8", "replace"))
+            backlog.append(_CONTROLS.sub("", raw.decode("utf-8", "replace")))
+        self._drain()
+
+    def _drain(self) -> None:
+        """
+        Act on the accepted lines in order. A command the room answers later holds back
+        the lines after it (and reading), so they see its outcome: the name it set, say.
+        """
+        if self._draining:
+            return
+        self._draining = True
+        backlog = self._backlog
+        batch: list[str] = []
+        while backlog and self._waiting is None and not self._closing:
+            text = backlog.popleft()
             if text[:1] == "/":
                 if text[:2] != "//":
                     if batch:
                         self.room.broadcast(self, batch)
                         batch = []
-                    self._command(text)
+                    self._wait_for(self._command(text))
                     continue
                 text = text[1:]
             if text and not text.isspace():
                 batch.append(f"{self.name}: {text}")
         if batch:
             self.room.broadcast(self, batch)
+        self._draining = False
+        if backlog and self._waiting is not None and not self._paused:
+            self._paused = True
+            self.transport.pauseProducing()
+
+    def _wait_for(self, answer: Deferred) -> None:
+        self._waiting = answer
+        answer.addErrback(self._room_failed, "asking the room").addBoth(self._answered, answer)
+
+    def _answered(self, _: object, answer: Deferred) -> None:
+        if self._waiting is not answer:
+            return
+        self._waiting = None
+        if self._paused and not self._closing:
+            self._paused = False
+            self.transport.resumeProducing()
+        self._drain()
+
+    def _room_failed(self, failure, doing: str) -> None:
+        self.factory.log.failure(
+            "{name} ({peer}): the room failed {doing}",
+            failure,
+            name=self.name,
+            peer=peer_name(self.transport),
+            doing=doing,
+        )
+        if self._held is not None:
+            # Never got in: there is no room to talk to.
+            self._held = None
+            self.close(encode_lines(["*** The chat cannot take you in now. Try again later."]))
 
     def _refuse_overlong(self) -> None:
         self.factory.counts.lines_refused["max_line"] += 1
-        self._notice(f"*** Line too long (over {self._max_line} bytes): not sent.")
+        self._notice(f"*** Line too long (over {self._splitter.max_line} bytes): not sent.")
 
-    def _over_rate(self) -> None:
+    def _over_rate(self, verdict: Verdict) -> None:
         self.factory.counts.lines_refused["rate"] += 1
-        self._dropped += 1
-        if not self._warned:
-            self._warned = True
+        rate = self._bucket.rate
+        if verdict is Verdict.WARN:
             self._notice(
-                f"*** You are sending too fast (over {self._rate:g} lines a second):"
+                f"*** You are sending too fast (over {rate:g} lines a second):"
                 " lines dropped. Slow down or you will be disconnected."
             )
-        elif self._dropped > self._burst:
+        elif verdict is Verdict.DISCONNECT:
             self._leave_reason = "flooding"
             self.close_reason = "rate"
             self.factory.log.info(
                 "disconnecting {name} ({peer}): still over --rate {rate} after a warning",
                 name=self.name,
                 peer=peer_name(self.transport),
-                rate=self._rate,
+                rate=rate,
             )
             self.close(encode_lines(["*** Disconnected: still sending too fast after a warning."]))
 
-    def _strip_telnet(self, data: bytes) -> bytes:
-        """C{data} without telnet commands; answers option requests; keeps a split tail."""
-        self._telnet_tail = b""
-        out = []
-        start = 0
-        end = len(data)
-        if self._in_subnegotiation:
-            found = data.find(_IAC_SE)
-            if found < 0:
-                # Swallowed whole; keep a final IAC in case its SE comes next.
-                if data.endswith(_IAC):
-                    self._telnet_tail = _IAC
-                return b""
-            self._in_subnegotiation = False
-            start = found + 2
-        while start < end:
-            at = data.find(_IAC, start)
-            if at < 0:
-                out.append(data[start:])
-                break
-            out.append(data[start:at])
-            if at + 1 >= end:
-                self._telnet_tail = data[at:]
-                break
-            command = data[at + 1]
-            if command == IAC:
-                out.append(_IAC)
-                start = at + 2
-            elif command in (WILL, WONT, DO, DONT):
-                if at + 2 >= end:
-                    self._telnet_tail = data[at:]
-                    break
-                refusal = _REFUSAL.get(command)
-                if refusal is not None:
-                    self._refuse_option(refusal, data[at + 2])
-                start = at + 3
-            elif command == SB:
-                found = data.find(_IAC_SE, at + 2)
-                if found < 0:
-                    self._in_subnegotiation = True
-                    if data.endswith(_IAC):
-                        self._telnet_tail = _IAC
-                    break
-                start = found + 2
-            else:
-                start = at + 2
-        return b"".join(out)
-
-    def _refuse_option(self, refusal: int, option: int) -> None:
-        self._reply(bytes((IAC, refusal, option)))
-
     # --- commands -------------------------------------------------------------------------
 
-    def _command(self, text: str) -> None:
+    def _command(self, text: str) -> Deferred[None]:
         word, _, rest = text[1:].partition(" ")
         handler = _COMMANDS.get(word.upper())
         if handler is None:
-            self._notice(f"*** Unknown command /{word}. /HELP lists the commands.")
-            return
-        handler(self, rest.strip())
+            return Deferred.fromCoroutine(self._cmd_unknown(word))
+        return Deferred.fromCoroutine(handler(self, rest.strip()))
 
-    def _cmd_name(self, new: str) -> None:
+    async def _cmd_unknown(self, word: str) -> None:
+        self._notice(f"*** Unknown command /{word}. /HELP lists the commands.")
+
+    async def _cmd_name(self, new: str) -> None:
         if not new:
             self._notice(f"*** You are {self.name}. To change it: /NAME newname")
             return
         old = self.name
-        problem = self.room.rename(self, new)
+        problem = await self.room.rename(self, new)
         if problem:
             self._notice(f"*** Cannot take the name {new!r}: {problem}.")
             return
         self.factory.log.info("{old} is now {new}", old=old, new=new)
 
-    def _cmd_who(self, _: str) -> None:
-        names = self.room.who()
+    async def _cmd_who(self, _: str) -> None:
+        names = await self.room.who()
         lines = [f"*** {len(names)} here:"]
         for i in range(0, len(names), WHO_NAMES_PER_LINE):
             lines.append("***   " + " ".join(names[i : i + WHO_NAMES_PER_LINE]))
         self._send_bulk(encode_lines(lines))
 
-    def _cmd_me(self, action: str) -> None:
+    async def _cmd_me(self, action: str) -> None:
         if not action:
             self._notice("*** Usage: /ME action, e.g. /ME waves")
             return
         self.room.broadcast(self, [f"* {self.name} {action}"])
 
-    def _cmd_msg(self, rest: str) -> None:
+    async def _cmd_msg(self, rest: str) -> None:
         recipient, _, text = rest.partition(" ")
         text = text.strip()
         if not recipient or not text:
             self._notice("*** Usage: /MSG name text")
             return
-        if not self.room.private(self, recipient, text):
+        if not await self.room.private(self, recipient, text):
             self._notice(f"*** No one here is called {recipient}.")
             return
         self._notice(f"[private to {recipient}] {text}")
 
-    def _cmd_exit(self, _: str) -> None:
+    async def _cmd_exit(self, _: str) -> None:
         self._leave_reason = "quit"
         self.close_reason = "quit"
-        self.room.leave(self, "quit")
+        self.room.leave(self, "quit").addErrback(self._room_failed, "leaving")
         self.close(encode_lines([f"*** Goodbye, {self.name}."]))
 
-    def _cmd_help(self, _: str) -> None:
+    async def _cmd_help(self, _: str) -> None:
         self._send_bulk(encode_lines(HELP_LINES))
 
 

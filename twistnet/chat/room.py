@@ -3,7 +3,8 @@ The chat room: who is here under which name, the recent history, and delivery.
 
 The room knows nothing of transports or bytes on the wire beyond encoding each message once:
 it talks to members through L{IMember}. L{IRoom} is the seam a room shared between several
-processes (through a broker) would implement without touching the protocol.
+processes (L{twistnet.chat.redis_room}) implements without touching the protocol: whatever
+needs a round trip to a broker returns a Deferred, which the in-memory L{Room} fires at once.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Iterable, Sequence
 
+from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 from zope.interface import Attribute, Interface, implementer
 
@@ -36,21 +38,27 @@ class IMember(Interface):
 
 
 class IRoom(Interface):
-    """A chat room. All names compare ignoring case; every method returns promptly."""
+    """
+    A chat room. All names compare ignoring case. What may need a broker round trip returns
+    a L{Deferred}; the rest returns at once and keeps each sender's lines in order.
+    """
 
-    def join(member: IMember) -> str:
-        """Add C{member} under a fresh unique provisional name, announce it, return the name."""
+    def join(member: IMember) -> Deferred[str]:
+        """
+        Add C{member} under a fresh unique provisional name, announce it; fires with the
+        name once C{member} receives what others say.
+        """
 
-    def leave(member: IMember, reason: str = "", announce: bool = True) -> None:
+    def leave(member: IMember, reason: str = "", announce: bool = True) -> Deferred[None]:
         """Remove C{member}; tell the others unless C{announce} is false. Idempotent."""
 
-    def rename(member: IMember, new: str) -> str | None:
-        """Rename C{member} and announce it; return C{None} or why the name was refused."""
+    def rename(member: IMember, new: str) -> Deferred[str | None]:
+        """Rename C{member} and announce it; fires with C{None} or why the name was refused."""
 
-    def who() -> list[str]:
+    def who() -> Deferred[list[str]]:
         """The names of everyone here, sorted ignoring case."""
 
-    def count() -> int:
+    def count() -> Deferred[int]:
         """How many members are here."""
 
     def broadcast(sender: IMember | None, lines: Sequence[str]) -> None:
@@ -62,11 +70,14 @@ class IRoom(Interface):
     def announce(line: str) -> None:
         """Deliver a server notice to everyone (not kept in the history)."""
 
-    def private(sender: IMember, recipient: str, line: str) -> bool:
+    def private(sender: IMember, recipient: str, line: str) -> Deferred[bool]:
         """Deliver C{line} to the member named C{recipient} only; false if there is none."""
 
-    def history() -> list[bytes]:
-        """The recent broadcast lines, oldest first, encoded as delivered."""
+    def history() -> Deferred[list[bytes]]:
+        """
+        The recent broadcast lines, oldest first, encoded as delivered. Called right when
+        L{join} fired, it holds exactly what C{member} will not receive.
+        """
 
 
 def name_problem(name: str) -> str | None:
@@ -124,25 +135,28 @@ class Room:
     def _changed(self) -> None:
         self._members = tuple(self._by_key.values())
 
-    def join(self, member: IMember) -> str:
+    def join(self, member: IMember) -> Deferred[str]:
         name = self._fresh_name()
         member.name = name
         self._by_key[name.casefold()] = member
         self._changed()
         self._send_all(encode_lines([f"*** {name} has joined"]), exclude=member)
-        return name
+        return succeed(name)
 
-    def leave(self, member: IMember, reason: str = "", announce: bool = True) -> None:
+    def leave(self, member: IMember, reason: str = "", announce: bool = True) -> Deferred[None]:
         key = member.name.casefold()
-        if self._by_key.get(key) is not member:
-            return
-        del self._by_key[key]
-        self._changed()
-        if announce:
-            why = f" ({reason})" if reason else ""
-            self._send_all(encode_lines([f"*** {member.name} has left{why}"]))
+        if self._by_key.get(key) is member:
+            del self._by_key[key]
+            self._changed()
+            if announce:
+                why = f" ({reason})" if reason else ""
+                self._send_all(encode_lines([f"*** {member.name} has left{why}"]))
+        return succeed(None)
 
-    def rename(self, member: IMember, new: str) -> str | None:
+    def rename(self, member: IMember, new: str) -> Deferred[str | None]:
+        return succeed(self._rename(member, new))
+
+    def _rename(self, member: IMember, new: str) -> str | None:
         problem = name_problem(new)
         if problem:
             return problem
@@ -159,11 +173,11 @@ class Room:
         self._send_all(encode_lines([f"*** {old} is now known as {new}"]))
         return None
 
-    def who(self) -> list[str]:
-        return sorted((member.name for member in self._members), key=str.casefold)
+    def who(self) -> Deferred[list[str]]:
+        return succeed(sorted((member.name for member in self._members), key=str.casefold))
 
-    def count(self) -> int:
-        return len(self._by_key)
+    def count(self) -> Deferred[int]:
+        return succeed(len(self._by_key))
 
     def broadcast(self, sender: IMember | None, lines: Sequence[str]) -> None:
         if not lines:
@@ -180,15 +194,15 @@ class Room:
     def announce(self, line: str) -> None:
         self._send_all(encode_lines([line]))
 
-    def private(self, sender: IMember, recipient: str, line: str) -> bool:
+    def private(self, sender: IMember, recipient: str, line: str) -> Deferred[bool]:
         target = self._by_key.get(recipient.casefold())
         if target is None:
-            return False
+            return succeed(False)
         self._deliver(target, encode_lines([f"[private] {sender.name}: {line}"]))
-        return True
+        return succeed(True)
 
-    def history(self) -> list[bytes]:
-        return list(self._history)
+    def history(self) -> Deferred[list[bytes]]:
+        return succeed(list(self._history))
 
     def _send_all(self, encoded: bytes, exclude: IMember | None = None) -> None:
         for member in self._members:

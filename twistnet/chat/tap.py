@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 from twisted.application.service import MultiService
 from twisted.python import usage
 
@@ -20,6 +22,7 @@ from twistnet._tap import (
     positive_int,
 )
 from twistnet.chat.protocol import ChatFactory, ChatLimits
+from twistnet.chat.redis_room import RedisRoom, RedisUrlError, connect, parse_redis_url
 from twistnet.chat.room import Room, encode_lines
 from twistnet.metrics import LineMetrics, ServiceMetrics, add_metrics_service, metrics_option
 
@@ -90,19 +93,75 @@ class Options(ServiceOptions):
             "disconnected (0 = no cap).",
             byte_size,
         ],
+        [
+            "redis",
+            None,
+            None,
+            "Share the room with other servers through Redis: redis://[user[:password]@]"
+            "host:port/db, rediss://... (TLS) or unix:///path/redis.sock?db=N. "
+            "Cluster and Sentinel are not supported.",
+        ],
+        [
+            "redis-password-file",
+            None,
+            None,
+            "Read the Redis password from this file (first line), so it is not in argv.",
+        ],
+        ["redis-ca", None, None, "CA certificate (PEM) to verify a rediss:// server with."],
+        [
+            "redis-prefix",
+            None,
+            "twistnet",
+            "Prefix of this chat's Redis keys, so several chats can share one Redis.",
+        ],
+        [
+            "redis-ttl",
+            None,
+            10.0,
+            "Seconds without a heartbeat after which a server is declared dead and its "
+            "members announced gone.",
+            non_negative_float,
+        ],
         *metrics_option(),
     ]
 
     def postOptions(self) -> None:
         refuse_processes(
             self,
-            "the room lives in one process, so N processes would be N separate rooms; "
-            "run one process.",
+            None
+            if self["redis"]
+            else "the room lives in one process, so N processes would be N separate rooms; "
+            "share it through Redis (--redis URL) or run one process.",
         )
         self["cap-option"] = "--max-connections"
         if self["max-clients"] is not None:
             self["max-connections"] = self["max-clients"]
             self["cap-option"] = "--max-clients"
+        self["redis-settings"] = self._redis_settings()
+
+    def _redis_settings(self):
+        if self["redis-ttl"] == 0:
+            raise usage.UsageError("--redis-ttl must be more than 0 seconds")
+        if not self["redis"]:
+            for option in ("redis-password-file", "redis-ca"):
+                if self[option]:
+                    raise usage.UsageError(f"--{option} needs --redis")
+            return None
+        password = None
+        if self["redis-password-file"]:
+            try:
+                with open(self["redis-password-file"], encoding="utf-8") as file:
+                    password = file.readline().rstrip("\r\n")
+            except OSError as exc:
+                raise usage.UsageError(
+                    f"cannot read --redis-password-file: {exc.strerror}"
+                ) from None
+            if not password:
+                raise usage.UsageError("--redis-password-file is empty")
+        try:
+            return parse_redis_url(self["redis"], password=password, ca=self["redis-ca"])
+        except RedisUrlError as exc:
+            raise usage.UsageError(str(exc)) from None
 
 
 class ChatCloser(ConnectionCloser):
@@ -131,8 +190,20 @@ def makeService(options: usage.Options, reactor=None) -> MultiService:
         burst=options["burst"],
         sendq=options["sendq"],
     )
+    settings = options["redis-settings"]
+    if settings is None:
+        room = Room(history_size=options["history"])
+    else:
+        room = RedisRoom(
+            partial(connect, settings),
+            prefix=options["redis-prefix"],
+            ttl=options["redis-ttl"],
+            history_size=options["history"],
+            clock=reactor,
+            where=settings.safe_url,
+        )
     factory = ChatFactory(
-        Room(history_size=options["history"]),
+        room,
         limits,
         max_connections=options["max-connections"],
         idle_timeout=options["idle-timeout"],
@@ -140,6 +211,8 @@ def makeService(options: usage.Options, reactor=None) -> MultiService:
     )
     factory.cap_option = options["cap-option"]
     top = ServiceRoot("twistnet-chat", reactor)
+    if settings is not None:
+        room.setServiceParent(top)
     ChatCloser(factory).setServiceParent(top)
     listening_services("twistnet-chat", options.endpoint_descriptions(), factory, reactor, top)
     collectors = [ServiceMetrics(factory), LineMetrics(factory)]
