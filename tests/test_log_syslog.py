@@ -20,10 +20,10 @@ from log_helpers import logged_lines, start_log_server
 LOGGER = shutil.which("logger")
 RSYSLOGD = shutil.which("rsyslogd", path=os.environ.get("PATH", "") + ":/usr/sbin:/sbin")
 
-needs_logger = pytest.mark.skipif(LOGGER is None, reason="util-linux logger (bsdutils) missing")
-
 
 def logger(*args: str) -> None:
+    if LOGGER is None:
+        pytest.fail("util-linux logger is not installed (tests/run installs bsdutils)")
     subprocess.run(
         [LOGGER, "-t", "twistnet-test", *args],
         check=True,
@@ -38,7 +38,6 @@ def lines_of(server, count: int) -> list[bytes]:
     return logged_lines(server.path)
 
 
-@needs_logger
 def test_logger_octet_count_each_message_is_one_line_even_with_a_newline_inside(twistd, tmp_path):
     server = start_log_server(twistd, tmp_path)
     where = ["--tcp", "--octet-count", "-n", "127.0.0.1", "-P", str(server.tcp_port)]
@@ -53,7 +52,6 @@ def test_logger_octet_count_each_message_is_one_line_even_with_a_newline_inside(
     assert server.terminate() == 0
 
 
-@needs_logger
 def test_logger_tcp_without_octet_count_is_read_as_lines(twistd, tmp_path):
     server = start_log_server(twistd, tmp_path)
     where = ["--tcp", "-n", "127.0.0.1", "-P", str(server.tcp_port)]
@@ -66,7 +64,6 @@ def test_logger_tcp_without_octet_count_is_read_as_lines(twistd, tmp_path):
     assert server.terminate() == 0
 
 
-@needs_logger
 def test_logger_udp_each_datagram_is_one_json_record(twistd, tmp_path):
     server = start_log_server(
         twistd, tmp_path, "--udp-port", "0", "--udp-interface", "127.0.0.1", "--format", "json"
@@ -101,7 +98,7 @@ def rsyslogd(tmp_path):
     """C{start(target_port)}: an rsyslogd in tmp_path taking TCP on a free port, forwarding
     everything to C{target_port} with octet-counted framing; returns its input port."""
     if RSYSLOGD is None or LOGGER is None:
-        pytest.skip("rsyslogd or logger missing")
+        pytest.fail("rsyslogd or logger is not installed (tests/run installs them)")
     processes: list[subprocess.Popen] = []
 
     def start(target_port: int) -> int:
