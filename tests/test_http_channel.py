@@ -87,6 +87,9 @@ def test_requests_beyond_max_requests_get_a_json_503_and_the_rest_are_served():
         b'{"error":"server busy","detail":"Too many requests in progress; try again later."}\n',
     )
     assert b"Retry-After: 1" in over_t.value() and over_t.disconnecting
+    # Answered by the channel, yet with the headers every answer carries.
+    assert b"\r\nServer: twistnet\r\n" in over_t.value()
+    assert b"\r\nDate: " in over_t.value()
     assert any("refused at --max-requests 20" in str(e.get("reason")) for e in events)
     # One finishes: its slot is free for the next request, on any connection.
     site.resource.held[0].finish()

@@ -337,10 +337,14 @@ class ManagedFactory(protocol.Factory):
             if evicted is None:
                 self.counts.refused["max_connections"] += 1
                 self.refusals.record(f"refused at {cap}", _address(addr))
-                return Refused(self.full_message, self.clock)
+                return Refused(self.refusal(), self.clock)
             self.refusals.record(f"evicted (waited longest) at {cap}", peer_name(evicted.transport))
             evicted.evict()
         return super().buildProtocol(addr)
+
+    def refusal(self) -> bytes:
+        """What a client refused at the cap is told (empty: hang up without a word)."""
+        return self.full_message
 
     def stopFactory(self) -> None:
         self.refusals.stop()

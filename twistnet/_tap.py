@@ -190,7 +190,7 @@ def connection_options(default_max: int = DEFAULT_MAX_CONNECTIONS) -> list:
             "port",
             "p",
             None,
-            "TCP port to listen on (shorthand for --listen tcp:PORT)",
+            f"TCP port to listen on (shorthand for --listen tcp:PORT:backlog={DEFAULT_BACKLOG})",
             port_number,
         ],
         [

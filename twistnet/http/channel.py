@@ -25,7 +25,7 @@ from twistnet._connections import NORMAL, ManagedFactory, hang_up, peer_name
 from twistnet._internals import JsonBadRequestChannel, handling_request
 from twistnet.http._logging import LEVELS, enabled
 from twistnet.http._logging import observer as log_observer
-from twistnet.http.errors import raw_response
+from twistnet.http.errors import SERVER_NAME, raw_response
 
 log = Logger(observer=log_observer)
 
@@ -37,15 +37,21 @@ DEFAULT_REQUEST_TIMEOUT = 10.0
 #: Requests in progress at once: each may hold a body of up to --max-body, and this is a
 #: service for a team, not the internet.
 DEFAULT_MAX_REQUESTS = 20
-#: What the Server header says: the exact Twisted version helps only an attacker.
-SERVER_NAME = b"twistnet"
 
-_SERVER_FULL = raw_response(
-    503, "server full", "Too many connections; try again later.", b"Retry-After: 1\r\n"
-)
-_TOO_BUSY = raw_response(
-    503, "server busy", "Too many requests in progress; try again later.", b"Retry-After: 1\r\n"
-)
+
+def _server_full() -> bytes:
+    return raw_response(
+        503, "server full", "Too many connections; try again later.", b"Retry-After: 1\r\n"
+    )
+
+
+def _too_busy() -> bytes:
+    return raw_response(
+        503,
+        "server busy",
+        "Too many requests in progress; try again later.",
+        b"Retry-After: 1\r\n",
+    )
 
 
 class JobRequest(server.Request):
@@ -104,7 +110,7 @@ class JobChannel(JsonBadRequestChannel):
             site.refusals.record(f"refused at --max-requests {site.max_requests}", self._peer())
             site.counts.refused["max_requests"] += 1
             self.close_reason = "max_requests"
-            self.answer_and_close(_TOO_BUSY)
+            self.answer_and_close(_too_busy())
             return
         self.serving = True
         site.serving += 1
@@ -171,7 +177,7 @@ class JobChannel(JsonBadRequestChannel):
     def evict(self) -> None:
         """Closed to make room at --max-connections: it was idle or still sending."""
         if self.request_started is not None:
-            self.answer_and_close(_SERVER_FULL)
+            self.answer_and_close(_server_full())
         else:
             self.hang_up()
 
@@ -208,7 +214,9 @@ class JobSite(ManagedFactory, server.Site):
     protocol = JobChannel
     requestFactory = JobRequest
     logger = Logger(observer=log_observer)
-    full_message = _SERVER_FULL
+
+    def refusal(self) -> bytes:
+        return _server_full()
 
     def __init__(
         self,

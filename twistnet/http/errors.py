@@ -11,6 +11,9 @@ from typing import Any
 
 from twisted.web import http
 
+#: What the Server header says: the exact Twisted version would help only an attacker.
+SERVER_NAME = b"twistnet"
+
 #: Reason phrases for the statuses twistnet sends that Twisted's table lacks (it would say
 #: "Unknown Status"): RFC 6585 added 429 after Twisted's table was written.
 _MISSING_PHRASES = {429: b"Too Many Requests"}
@@ -41,9 +44,21 @@ def error_body(error: str, detail: str) -> bytes:
 
 
 def raw_response(status: int, error: str, detail: str, extra: bytes = b"") -> bytes:
-    """A complete HTTP/1.1 error response that closes the connection, for the channel."""
+    """
+    A complete HTTP/1.1 error response that closes the connection, for the channel, with
+    the headers every twistnet-http answer carries (Server, and Date as RFC 9110 asks).
+    """
     body = error_body(error, detail)
     return (
-        b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
-        b"Connection: close\r\n%s\r\n%s" % (status, phrase(status), len(body), extra, body)
+        b"HTTP/1.1 %d %s\r\nServer: %s\r\nDate: %s\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\nConnection: close\r\n%s\r\n%s"
+        % (
+            status,
+            phrase(status),
+            SERVER_NAME,
+            http.datetimeToString(),
+            len(body),
+            extra,
+            body,
+        )
     )
