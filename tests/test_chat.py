@@ -980,3 +980,19 @@ def test_a_client_gone_before_its_join_completed_leaves_no_name():
     room.answer_all()
     assert now(room.who()) == []
     assert alice_t.value() == b""
+
+
+def test_full_room_evicts_the_longest_silent_member_who_leaves_at_once_with_a_reason():
+    factory, clock = make_chat(max_clients=2)
+    room = factory.room
+    silent, silent_t = join(factory)
+    talker, talker_t = join(factory)
+    talker.dataReceived(b"hello\n")
+    clock.advance(2)
+    newcomer, _ = join(factory)
+    assert isinstance(newcomer, ChatProtocol)
+    # Gone from the room before its (unread) goodbye is flushed: the head count holds.
+    assert silent not in room.members and len(room.members) == 2
+    assert silent_t.disconnecting
+    assert b"closing the connection that has waited longest" in sent(silent_t)
+    assert talker in room.members and not talker_t.disconnecting

@@ -166,6 +166,10 @@ class ChatProtocol(ManagedProtocol):
         # What is queued goes out before the last words, in order.
         self.flush()
         self._closing = True
+        # No longer here from now on, not once a peer that does not read is finally gone:
+        # an evicted member must not keep its place in the room (and the head count) while
+        # its goodbye waits up to the close grace.
+        self.room.leave(self, self._leave_reason).addErrback(self._room_failed, "leaving")
         self.release_transport()
         super().close(message)
 
@@ -416,7 +420,6 @@ class ChatProtocol(ManagedProtocol):
     async def _cmd_exit(self, _: str) -> None:
         self._leave_reason = "quit"
         self.close_reason = "quit"
-        self.room.leave(self, "quit").addErrback(self._room_failed, "leaving")
         self.close(encode_lines([f"*** Goodbye, {self.name}."]))
 
     async def _cmd_help(self, _: str) -> None:
