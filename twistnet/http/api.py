@@ -275,20 +275,23 @@ class JobApi(resource.Resource):
         if rendered is not None:
             return (rendered,)
         job = self.store.cached(job_id)
-        if job is not None:
-            return (self._render_job(job),)
-        return self._job_or_404(job_id).addCallback(
-            lambda job: self._send(request, "/jobs/{id}", self._render_job(job))
+        found = defer.succeed(job) if job is not None else self._job_or_404(job_id)
+        return found.addCallback(self._render_job).addCallback(
+            lambda body: self._send(request, "/jobs/{id}", body)
         )
 
-    def _render_job(self, job: Job) -> bytes:
-        output = self.store.read_output(job.id, 0, LOG_CHUNK).decode("utf-8", "replace")
+    async def _render(self, job: Job) -> bytes:
+        output = (await self.store.fetch_output(job.id, 0, LOG_CHUNK)).decode("utf-8", "replace")
         body = encode(job.to_json(output))
         if job.terminal:
             self._rendered[job.id] = body
             while len(self._rendered) > RENDERED_CACHE:
                 self._rendered.popitem(last=False)
         return body
+
+    def _render_job(self, job: Job) -> defer.Deferred[bytes]:
+        """The job as GET /jobs/{id} shows it, with its output (read from the store)."""
+        return defer.Deferred.fromCoroutine(self._render(job))
 
     @route("/jobs/{id}", "DELETE")
     def cancel(self, request: server.Request, job_id: str) -> defer.Deferred[None]:
@@ -303,7 +306,7 @@ class JobApi(resource.Resource):
                 raise ApiError(
                     409, "already finished", f"Job {job_id} is not queued or running here."
                 )
-            self._send(request, "/jobs/{id}", self._render_job(cancelled))
+            self._send(request, "/jobs/{id}", await self._render_job(cancelled))
 
         return defer.Deferred.fromCoroutine(cancel())
 
@@ -328,7 +331,7 @@ class JobApi(resource.Resource):
                 )
                 stream.start()
                 return
-            data = self.store.read_output(job.id, offset, LOG_CHUNK)
+            data = await self.store.fetch_output(job.id, offset, LOG_CHUNK)
             request.setHeader(b"x-next-offset", str(offset + len(data)).encode())
             request.setHeader(b"x-job-status", job.status.encode())
             self._send(request, "/jobs/{id}/log", data, b"text/plain; charset=utf-8")

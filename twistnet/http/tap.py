@@ -37,6 +37,7 @@ from twistnet.http.channel import (
     DEFAULT_REQUEST_TIMEOUT,
     JobSite,
 )
+from twistnet.http.pgstore import PostgresJobStore, is_postgres_url, redacted
 from twistnet.http.runner import LocalRunner, unrunnable
 from twistnet.http.store import SQLiteJobStore, StoreError
 from twistnet.http.tools import (
@@ -139,7 +140,14 @@ class Options(ServiceOptions):
             positive_int,
         ],
         ["max-body", None, DEFAULT_MAX_BODY, "Largest request body in bytes.", positive_int],
-        ["db", None, DEFAULT_DB, "The SQLite job database; job output goes beside it."],
+        [
+            "db",
+            None,
+            DEFAULT_DB,
+            "The job database: a SQLite file (job output goes beside it), or a PostgreSQL "
+            "URL, postgresql://user@host:port/dbname, shared by the nodes of a cluster (the "
+            "password from the URL, $PGPASSWORD or ~/.pgpass).",
+        ],
         [
             "keep-days",
             None,
@@ -231,11 +239,23 @@ class InOrder(MultiService):
         return defer.Deferred.fromCoroutine(self._stop())
 
 
+def open_store(db: str, reactor=None) -> SQLiteJobStore | PostgresJobStore:
+    """The store --db names: PostgreSQL for a postgresql:// URL, else a SQLite file."""
+    if is_postgres_url(db):
+        return PostgresJobStore(db, reactor)
+    return SQLiteJobStore(db, reactor)
+
+
+def store_name(db: str) -> str:
+    """--db as it may be logged: a URL without its password, a file's absolute path."""
+    return redacted(db) if is_postgres_url(db) else os.path.abspath(db)
+
+
 def makeService(options: usage.Options, reactor=None) -> MultiService:
     level = options["log-level"]
     set_level(_log_level(level) if isinstance(level, str) else level)
     try:
-        store = SQLiteJobStore(options["db"], reactor)
+        store = open_store(options["db"], reactor)
     except StoreError as error:
         raise SystemExit(f"twistnet-http: {error}") from None
     tools = options["tools"]
@@ -272,7 +292,7 @@ def makeService(options: usage.Options, reactor=None) -> MultiService:
     log.info(
         "twistnet-http: tools {tools}; jobs in {db}; {workers} workers, queue {queue}; {auth}",
         tools=", ".join(tools),
-        db=os.path.abspath(options["db"]),
+        db=store_name(options["db"]),
         workers=options["workers"],
         queue=options["queue-size"],
         auth="token required for POST and DELETE" if options["token"] else "no token",
