@@ -46,6 +46,9 @@ STORE_RETRY_AFTER = 5
 #: Job ids are made here (uuid4 hex); anything else in the path is simply not a job.
 JOB_ID = re.compile(r"[0-9a-f]{32}")
 
+#: An Idempotency-Key: what a client may reasonably send (a UUID, say), and no more.
+IDEMPOTENCY_KEY = re.compile(rb"[\x21-\x7e]{1,255}")
+
 _JSON = parse.JSON
 
 
@@ -237,7 +240,16 @@ class JobApi(resource.Resource):
                 status=202,
             )
 
-        return self.runner.submit(job).addCallbacks(accepted, self._refused)
+        key = request.getHeader(b"idempotency-key")
+        if key is None:
+            submitted = self.runner.submit(job)
+        else:
+            if not IDEMPOTENCY_KEY.fullmatch(key):
+                raise ApiError(
+                    400, "bad request", "Idempotency-Key must be 1 to 255 printable ASCII bytes."
+                )
+            submitted = self.runner.submit(job, idempotency_key=key.decode("ascii"))
+        return submitted.addCallbacks(accepted, self._refused)
 
     def _refused(self, failure) -> None:
         if failure.check(StoreUnavailable):

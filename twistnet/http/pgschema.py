@@ -8,9 +8,13 @@ than it knows refuses to start rather than write rows it does not understand.
 
 from __future__ import annotations
 
-import psycopg
+from typing import Any
 
-from twistnet.http.model import TERMINAL
+import psycopg
+from psycopg.types.json import Jsonb
+
+from twistnet.http.model import TERMINAL, Job
+from twistnet.http.store import job_from_row, job_row
 
 #: The schema version this code writes and reads.
 SCHEMA_VERSION = 1
@@ -120,3 +124,17 @@ def prune_batch(db: psycopg.Connection, before: float, batch: int) -> int | None
     ]
     db.execute("DELETE FROM job_output WHERE job_id = ANY(%s)", (ids,))
     return len(ids)
+
+
+def pg_row(job: Job) -> tuple:
+    """C{job} as the values of the job columns, JSON as jsonb."""
+    return job_row(job, Jsonb)
+
+
+def _as_is(value: Any) -> Any:
+    return value  # jsonb columns arrive decoded
+
+
+def pg_job(row: tuple) -> Job:
+    """The job in a row of the job columns."""
+    return job_from_row(row, _as_is)

@@ -26,14 +26,13 @@ from typing import Any
 
 import psycopg
 from psycopg import conninfo
-from psycopg.types.json import Jsonb
 from twisted.application.service import Service
 from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from twistnet.http import pgschema
+from twistnet.http import claims, pgschema
 from twistnet.http._logging import observer as log_observer
 from twistnet.http.model import QUEUED, RUNNING, TERMINAL, Job
 from twistnet.http.store import (
@@ -42,8 +41,6 @@ from twistnet.http.store import (
     IJobStore,
     StoreError,
     StoreUnavailable,
-    job_from_row,
-    job_row,
     listing,
 )
 
@@ -83,16 +80,8 @@ def _unavailable(failure: Failure) -> Failure:
     return failure
 
 
-def _row(job: Job) -> tuple:
-    return job_row(job, Jsonb)
-
-
-def _as_decoded(value: Any) -> Any:
-    return value  # jsonb columns arrive decoded
-
-
-def _job(row: tuple) -> Job:
-    return job_from_row(row, _as_decoded)
+_row = pgschema.pg_row
+_job = pgschema.pg_job
 
 
 class _Operation:
@@ -232,17 +221,24 @@ class ChunkWriter:
     committed with the writer's next batch. A write that fails is logged, once per job.
     """
 
-    def __init__(self, store: PostgresJobStore, job_id: str) -> None:
+    def __init__(
+        self, store: PostgresJobStore, job_id: str, fence: tuple[str, int] | None = None
+    ) -> None:
         self._store = store
         self._job_id = job_id
+        #: (worker, attempt): the chunks are written only while the job is still theirs.
+        self._fence = fence
         self._position = 0
         self._failed = False
 
     def write(self, data: bytes) -> int:
         position, self._position = self._position, self._position + len(data)
-        job_id, data = self._job_id, bytes(data)
+        job_id, data, fence = self._job_id, bytes(data), self._fence
 
         def insert(db: psycopg.Connection) -> None:
+            if fence is not None:
+                claims.fenced_output(db, job_id, position, data, *fence)
+                return
             db.execute(
                 "INSERT INTO job_output (job_id, pos, data) VALUES (%s, %s, %s)",
                 (job_id, position, data),

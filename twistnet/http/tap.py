@@ -37,6 +37,7 @@ from twistnet.http.channel import (
     DEFAULT_REQUEST_TIMEOUT,
     JobSite,
 )
+from twistnet.http.cluster import DEFAULT_LEASE, ClusterRunner
 from twistnet.http.pgstore import PostgresJobStore, is_postgres_url, redacted
 from twistnet.http.runner import LocalRunner, unrunnable
 from twistnet.http.store import SQLiteJobStore, StoreError
@@ -59,6 +60,10 @@ DEFAULT_DB = "twistnet-http.db"
 TOKEN_VARIABLE = "TWISTNET_HTTP_TOKEN"  # noqa: S105 - a variable name, not a secret
 #: How often finished jobs older than --keep-days are pruned.
 PRUNE_INTERVAL = 3600.0
+#: Bounds of --lease: below a second, a busy database's pause would expire live workers; the
+#: issue's promise is a dead worker's jobs handed back within a minute.
+MIN_LEASE = 1.0
+MAX_LEASE = 60.0
 
 
 def _log_level(value: str):
@@ -93,6 +98,25 @@ def beyond_loopback(description: str) -> bool:
         return not ipaddress.ip_address(interface).is_loopback
     except ValueError:
         return True
+
+
+ROLES = ("api", "worker", "both")
+
+
+def _role(value: str) -> str:
+    if value not in ROLES:
+        raise ValueError(f"expected one of {', '.join(ROLES)}, got {value!r}")
+    return value
+
+
+_role.coerceDoc = "api, worker or both."  # type: ignore[attr-defined]
+
+
+def _lease(value: str) -> float:
+    lease = float(value)
+    if not MIN_LEASE <= lease <= MAX_LEASE:
+        raise ValueError(f"expected {MIN_LEASE:g} to {MAX_LEASE:g} seconds, got {value}")
+    return lease
 
 
 class Options(ServiceOptions):
@@ -155,6 +179,22 @@ class Options(ServiceOptions):
             "Forget finished jobs after this many days (0 = keep forever).",
             non_negative_float,
         ],
+        [
+            "role",
+            None,
+            "both",
+            "With a PostgreSQL --db: api (accept and answer, run nothing), worker (run jobs, "
+            "listen on no port) or both.",
+            _role,
+        ],
+        [
+            "lease",
+            None,
+            DEFAULT_LEASE,
+            "With a PostgreSQL --db: seconds of a worker's lease; a dead worker's jobs are "
+            "handed back (lost, or re-queued if retry-safe) within about this.",
+            _lease,
+        ],
         ["config", None, None, "A TOML file declaring tools (see twistnet.http.tools)."],
         ["log-level", None, "info", "Least level logged.", _log_level],
     ]
@@ -186,7 +226,11 @@ class Options(ServiceOptions):
         for tool in self["tools"].values():
             if (problem := unrunnable(tool)) is not None:
                 raise usage.UsageError(problem)
-        if self["token"] is None and not self["insecure"]:
+        if self["role"] != "both" and not is_postgres_url(self["db"]):
+            raise usage.UsageError(
+                f"--role {self['role']} needs a PostgreSQL --db shared by the cluster's nodes."
+            )
+        if self["token"] is None and not self["insecure"] and self["role"] != "worker":
             for description in self.endpoint_descriptions():
                 if beyond_loopback(description):
                     raise usage.UsageError(
@@ -259,7 +303,19 @@ def makeService(options: usage.Options, reactor=None) -> MultiService:
     except StoreError as error:
         raise SystemExit(f"twistnet-http: {error}") from None
     tools = options["tools"]
-    runner = LocalRunner(store, tools, options["workers"], options["queue-size"], reactor)
+    role = options["role"]
+    if isinstance(store, PostgresJobStore):
+        runner = ClusterRunner(
+            store,
+            tools,
+            options["workers"],
+            options["queue-size"],
+            reactor,
+            run_jobs=role != "api",
+            lease=options["lease"],
+        )
+    else:
+        runner = LocalRunner(store, tools, options["workers"], options["queue-size"], reactor)
     api = JobApi(store, runner, tools, token=options["token"], clock=reactor)
     site = JobSite(
         api,
@@ -293,8 +349,11 @@ def makeService(options: usage.Options, reactor=None) -> MultiService:
         "twistnet-http: tools {tools}; jobs in {db}; {workers} workers, queue {queue}; {auth}",
         tools=", ".join(tools),
         db=store_name(options["db"]),
-        workers=options["workers"],
+        workers=runner.workers,
         queue=options["queue-size"],
         auth="token required for POST and DELETE" if options["token"] else "no token",
     )
+    if role == "worker":
+        log.info("twistnet-http: role worker, listening on no port")
+        return top
     return listening_services("twistnet-http", options.endpoint_descriptions(), site, reactor, top)
