@@ -113,6 +113,8 @@ class Lane:
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._db: psycopg.Connection | None = None
         self._stopped: defer.Deferred[None] | None = None
+        #: Set for good once stopping starts: the thread may outlive its last answer a little.
+        self._closing = False
         self._thread = threading.Thread(target=self._work, name=name, daemon=True)
         self.commits = 0
         self.committed_operations = 0
@@ -121,6 +123,7 @@ class Lane:
         self._thread.start()
 
     def stop(self) -> defer.Deferred[None]:
+        self._closing = True
         if not self._thread.is_alive():
             return defer.succeed(None)
         self._stopped = defer.Deferred()
@@ -128,7 +131,7 @@ class Lane:
         return self._stopped
 
     def submit(self, function: Callable[[psycopg.Connection], Any]) -> defer.Deferred[Any]:
-        if not self._thread.is_alive() or self._stopped is not None:
+        if not self._thread.is_alive() or self._closing:
             return defer.fail(StoreError("the job store is not running"))
         op = _Operation(function)
         self._queue.put(op)

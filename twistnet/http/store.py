@@ -253,6 +253,8 @@ class SQLiteJobStore(Service):
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._stopped: defer.Deferred[None] | None = None
+        #: Set for good once stopping starts: the thread may outlive its last answer a little.
+        self._closing = False
         self._cache: OrderedDict[str, Job] = OrderedDict()
         self._cache_size = cache_size
         self.commits = 0
@@ -267,6 +269,7 @@ class SQLiteJobStore(Service):
 
     def stopService(self) -> defer.Deferred[None]:
         super().stopService()
+        self._closing = True
         if self._thread is None:
             self._db.close()
             return defer.succeed(None)
@@ -333,7 +336,7 @@ class SQLiteJobStore(Service):
             stopped.callback(None)
 
     def _submit(self, function: Callable[[sqlite3.Connection], Any], write: bool = False):
-        if self._thread is None or not self._thread.is_alive() or self._stopped is not None:
+        if self._thread is None or not self._thread.is_alive() or self._closing:
             return defer.fail(StoreError("the job store is not running"))
         op = _Operation(function, write)
         self._queue.put(op)
