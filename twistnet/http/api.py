@@ -162,6 +162,10 @@ class JobApi(resource.Resource):
     def _late_failure(self, failure, request, template) -> None:
         if failure.check(ApiError):
             error = failure.value
+        elif failure.check(StoreUnavailable):
+            # The database is down or restarting: a moment's wait, not a server error.
+            log.warn("the job store is unavailable: {error}", error=failure.getErrorMessage())
+            error = _unavailable()
         else:
             log.failure(
                 "handler for {method} {path} failed",
@@ -256,12 +260,7 @@ class JobApi(resource.Resource):
             # Not stored (a full disk, a failing database): the job does not exist, and
             # the client may try again later; the operator gets the reason, once.
             log.error("could not store a new job: {error}", error=failure.getErrorMessage())
-            raise ApiError(
-                503,
-                "store unavailable",
-                "The job could not be stored; try again later.",
-                {b"retry-after": str(STORE_RETRY_AFTER).encode()},
-            )
+            raise _unavailable("The job could not be stored; try again later.")
         failure.trap(QueueFull)  # anything else is a bug: a 500 and a traceback in the log
         raise ApiError(
             429,
@@ -377,6 +376,12 @@ class JobApi(resource.Resource):
     @route("/metrics", "GET")
     def prometheus(self, request: server.Request):
         return (generate_latest(self.metrics.registry), CONTENT_TYPE_LATEST.encode())
+
+
+def _unavailable(detail: str = "The job store is unavailable; try again later.") -> ApiError:
+    return ApiError(
+        503, "store unavailable", detail, {b"retry-after": str(STORE_RETRY_AFTER).encode()}
+    )
 
 
 def _jobs_are_waiting(count: int) -> str:

@@ -180,7 +180,14 @@ class Lane:
                 self.committed_operations += len(operations)
             else:
                 for op in operations:
-                    self._run(db, op, savepoint=False)
+                    try:
+                        self._run(db, op, savepoint=False)
+                    except (psycopg.OperationalError, psycopg.InterfaceError):
+                        # A read is safe to repeat: once, on a new connection (the old
+                        # one may be a leftover of a database restart).
+                        self._close()
+                        db = self._connection()
+                        self._run(db, op, savepoint=False)
         except psycopg.Error:
             # The connection (or the commit) failed: nothing of this batch is known to be
             # stored. Every caller hears so; the next batch connects anew.
