@@ -239,3 +239,30 @@ def test_a_retry_with_the_same_idempotency_key_gets_the_same_job(cluster):
     other = submit(b, "once", {"n": "7"}, **{"Idempotency-Key": "order-8"})
     assert first == second != other
     assert cluster.rows("SELECT count(*) FROM jobs")[0][0] == 2
+
+
+def test_a_worker_that_cannot_renew_kills_its_jobs_before_its_lease_expires(
+    cluster, postgres_server
+):
+    api = cluster.node("api")
+    worker = cluster.node("worker")
+    job_id = submit(api, "hold")
+    wait_until(lambda: job(api, job_id)["status"] == "running")
+    [(pid,)] = wait_until(lambda: cluster.rows("SELECT pid FROM jobs WHERE pid IS NOT NULL"))
+    postgres_server.stop()
+    try:
+        worker.wait_for_line(r"killing the 1 jobs of this worker before its lease", timeout=10)
+        wait_until(lambda: not alive(pid), timeout=5)
+    finally:
+        postgres_server.start()
+    lost = finished(api, job_id, timeout=20)
+    assert lost["status"] == "lost"
+    assert cluster.lines() == ["hold"]
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.killpg(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True

@@ -240,8 +240,9 @@ class ClusterRunner(LocalRunner):
         self.poll_interval = poll_interval
         self.worker_id = worker_id or worker_name()
         self.monotonic = monotonic
-        #: The attempt of each job this worker runs: the fence of its writes.
-        self.attempts: dict[str, int] = {}
+        #: The (worker id, attempt) of each job this worker runs: the fence of its writes
+        #: (the id it had when it claimed the job: a worker whose lease expired takes a new one).
+        self.attempts: dict[str, tuple[str, int]] = {}
         self._queued = 0
         self._registered = False
         self._renewed_at = monotonic()
@@ -252,8 +253,7 @@ class ClusterRunner(LocalRunner):
         self._listener: Listener | None = None
 
     def fence(self, job_id: str) -> tuple[str, int] | None:
-        attempt = self.attempts.get(job_id)
-        return None if attempt is None else (self.worker_id, attempt)
+        return self.attempts.get(job_id)
 
     # --- service --------------------------------------------------------------------------
 
@@ -460,13 +460,13 @@ class ClusterRunner(LocalRunner):
         self._claiming, self._claim_again = True, False
         worker, limits, now = self.worker_id, self._limits(), self.clock.seconds()
         self.db.write(lambda db: claims.claim(db, worker, limits, capacity, now)).addCallbacks(
-            self._claimed, self._claim_failed
+            self._claimed, self._claim_failed, (worker,)
         )
 
-    def _claimed(self, claimed: list[tuple[Job, int]]) -> None:
+    def _claimed(self, claimed: list[tuple[Job, int]], worker: str) -> None:
         self._claiming = False
         for job, attempt in claimed:
-            self.attempts[job.id] = attempt
+            self.attempts[job.id] = (worker, attempt)
             if self._accepting:
                 self._start(job, self.tools[job.tool])
             else:  # stopping: never started, so handing it back is always safe
