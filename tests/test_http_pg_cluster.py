@@ -18,6 +18,7 @@ import psycopg
 import pytest
 
 from helpers import wait_until
+from http_support import group_gone
 
 pytest_plugins = ["pg_support"]
 
@@ -252,17 +253,9 @@ def test_a_worker_that_cannot_renew_kills_its_jobs_before_its_lease_expires(
     postgres_server.stop()
     try:
         worker.wait_for_line(r"killing the 1 jobs of this worker before its lease", timeout=10)
-        wait_until(lambda: not alive(pid), timeout=5)
+        wait_until(lambda: group_gone(pid), timeout=5)
     finally:
         postgres_server.start()
     lost = finished(api, job_id, timeout=20)
     assert lost["status"] == "lost"
     assert cluster.lines() == ["hold"]
-
-
-def alive(pid: int) -> bool:
-    try:
-        os.killpg(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
