@@ -36,9 +36,11 @@ def binaries() -> Path | None:
 class PostgresServer:
     """One PostgreSQL server in C{directory}, reached by its unix socket there."""
 
-    def __init__(self, directory: Path, bindir: Path) -> None:
+    def __init__(self, directory: Path, bindir: Path, durable: bool = False) -> None:
         self.directory = directory
         self.bindir = bindir
+        #: fsync on (benchmarks that report durable figures); tests run with it off.
+        self.durable = durable
         self.data = directory / "data"
         self.log = directory / "server.log"
 
@@ -49,10 +51,14 @@ class PostgresServer:
         return subprocess.run(command, check=check, capture_output=True, text=True, timeout=60)
 
     def init(self) -> None:
-        self._run("initdb", "-D", str(self.data), "-A", "trust", "-U", USER, "--no-sync")
+        nosync = [] if self.durable else ["--no-sync"]
+        self._run("initdb", "-D", str(self.data), "-A", "trust", "-U", USER, *nosync)
 
     def start(self) -> None:
-        options = f"-c listen_addresses='' -k {self.directory} -c fsync=off -c max_connections=200"
+        fsync = "on" if self.durable else "off"
+        options = (
+            f"-c listen_addresses='' -k {self.directory} -c fsync={fsync} -c max_connections=200"
+        )
         self._run("pg_ctl", "-D", str(self.data), "-l", str(self.log), "-w", "-o", options, "start")
 
     def stop(self, mode: str = "fast") -> None:
