@@ -225,8 +225,11 @@ def test_postgresql_restart_mid_run_refuses_submissions_then_stores_the_result(
         status, headers, body = call(api, "POST", "/jobs", {"tool": "once", "params": {"n": "1"}})
         assert status == 503, body
         assert {k.lower(): v for k, v in headers.items()}["retry-after"]
+        status, _, health = call(api, "GET", "/healthz")
+        assert status == 503 and health["store"] == "unreachable"
     finally:
         postgres_server.start()
+    assert wait_until(lambda: call(api, "GET", "/healthz")[2].get("store") == "reachable")
     done = finished(api, job_id, timeout=30)
     assert done["status"] == "succeeded" and done["output"] == "napped\n"
     again = submit(api, "once", {"n": "2"})

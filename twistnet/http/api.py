@@ -361,17 +361,25 @@ class JobApi(resource.Resource):
 
     @route("/healthz", "GET")
     def health(self, request: server.Request):
-        return (
-            encode(
-                {
-                    "status": "ok",
-                    "queued": self.runner.queue_depth(),
-                    "running": len(self.runner.active),
-                    "workers": self.runner.workers,
-                    "queue_size": self.runner.queue_size,
-                }
-            ),
-        )
+        body = {
+            "status": "ok",
+            "queued": self.runner.queue_depth(),
+            "running": len(self.runner.active),
+            "workers": self.runner.workers,
+            "queue_size": self.runner.queue_size,
+        }
+        # A store on a server (PostgreSQL) may be out of reach; a local file is not asked.
+        reachable = getattr(self.store, "reachable", None)
+        if reachable is None:
+            return (encode(body),)
+
+        def answer(ok: bool) -> None:
+            body["store"] = "reachable" if ok else "unreachable"
+            if not ok:
+                body["status"] = "store unreachable"
+            self._send(request, "/healthz", encode(body), status=200 if ok else 503)
+
+        return reachable().addCallback(answer)
 
     @route("/metrics", "GET")
     def prometheus(self, request: server.Request):

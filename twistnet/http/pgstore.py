@@ -403,6 +403,12 @@ class PostgresJobStore(Service):
         ).addErrback(lambda failure: self.log.failure("clearing old output failed", failure))
         return ChunkWriter(self, job_id)
 
+    def reachable(self) -> defer.Deferred[bool]:
+        """Does the database answer (for /healthz)?"""
+        return self.read(lambda db: db.execute("SELECT 1").fetchone() == (1,)).addErrback(
+            lambda _: False
+        )
+
     def fetch_output(self, job_id: str, offset: int = 0, size: int = -1) -> defer.Deferred[bytes]:
         def query(db: psycopg.Connection) -> bytes:
             rows = db.execute(
