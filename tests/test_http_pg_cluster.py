@@ -123,10 +123,19 @@ def finished(node, job_id: str, timeout: float = 20) -> dict:
 
 
 def test_many_jobs_each_started_exactly_once_and_read_from_either_api_node(cluster):
-    a, b = cluster.node("api"), cluster.node("api")
+    many_jobs_each_started_exactly_once(cluster, 400)
+
+
+@pytest.mark.soak
+def test_thousands_of_jobs_each_started_exactly_once(cluster):
+    many_jobs_each_started_exactly_once(cluster, 5000)
+
+
+def many_jobs_each_started_exactly_once(cluster, count: int) -> None:
+    # --queue-size is per cluster: room for all of them, however fast they come.
+    a, b = (cluster.node("api", "--queue-size", str(count)) for _ in range(2))
     cluster.node("worker", "--workers", "4")
     cluster.node("worker", "--workers", "4")
-    count = 400
     ids: dict[int, str] = {}
 
     def submitter(offset: int) -> None:
@@ -139,7 +148,7 @@ def test_many_jobs_each_started_exactly_once_and_read_from_either_api_node(clust
     for thread in threads:
         thread.join(120)
     assert len(ids) == count
-    wait_until(lambda: len(cluster.lines()) >= count, timeout=60)
+    wait_until(lambda: len(cluster.lines()) >= count, timeout=60 + count / 20)
     wait_until(
         lambda: cluster.rows("SELECT count(*) FROM jobs WHERE status = 'succeeded'")[0][0] == count,
         timeout=30,

@@ -153,3 +153,15 @@ def test_twistd_serves_jobs_from_postgresql(twistd, postgres_url):
             "succeeded",
         )
     assert server.terminate() == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_pruning_runs_on_one_node_at_a_time(store, postgres_url):
+    old = make_job(1).evolve(status="succeeded", finished=10.0)
+    await store.add(old)
+    with psycopg.connect(postgres_url) as other_node:
+        # Another node is pruning: it holds the lock for its transaction.
+        other_node.execute("SELECT pg_advisory_xact_lock(%s)", (pgschema.PRUNE_LOCK,))
+        assert await store.prune(before=100.0) == 0
+    assert await store.prune(before=100.0) == 1
+    assert await store.get(old.id) is None
