@@ -16,7 +16,7 @@ import pytest
 import pytest_twisted
 
 from helpers import eventually, run_twistd, wait_until
-from twistnet.http import pgschema
+from twistnet.http import pgschema, pgstore
 from twistnet.http.model import QUEUED, Job
 from twistnet.http.pgstore import PostgresJobStore, redacted
 from twistnet.http.store import StoreError, StoreUnavailable
@@ -165,3 +165,14 @@ async def test_pruning_runs_on_one_node_at_a_time(store, postgres_url):
         assert await store.prune(before=100.0) == 0
     assert await store.prune(before=100.0) == 1
     assert await store.get(old.id) is None
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_first_write_after_a_database_restart_is_stored(
+    store, postgres_server, monkeypatch
+):
+    monkeypatch.setattr(pgstore, "IDLE_CHECK", 0.0)  # as if idle long enough to be checked
+    await store.add(make_job(1))
+    postgres_server.restart()
+    await store.add(make_job(2))
+    assert (await store.get(make_job(2).id)).status == QUEUED

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -49,6 +50,8 @@ from twistnet.http.store import (
 PRUNE_BATCH = 1000
 #: Seconds a connection attempt may take before the operation fails as unavailable.
 CONNECT_TIMEOUT = 5
+#: A connection idle this many seconds is checked before a batch uses it.
+IDLE_CHECK = 1.0
 
 _TERMINAL = sorted(TERMINAL)
 _COLUMNS = JOB_COLUMNS
@@ -112,6 +115,7 @@ class Lane:
         self._transactional = transactional
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._db: psycopg.Connection | None = None
+        self._used = 0.0
         self._stopped: defer.Deferred[None] | None = None
         #: Set for good once stopping starts: the thread may outlive its last answer a little.
         self._closing = False
@@ -140,9 +144,17 @@ class Lane:
     # --- on the lane's thread -------------------------------------------------------------
 
     def _connection(self) -> psycopg.Connection:
+        if self._db is not None and time.monotonic() - self._used > IDLE_CHECK:
+            # Idle a while: the server may have restarted since. Asking costs one round trip
+            # and, unlike a failed batch, leaves no doubt whether anything was committed.
+            try:
+                self._db.execute("SELECT 1")
+            except psycopg.Error:
+                self._close()
         if self._db is None or self._db.closed or self._db.broken:
             self._close()
             self._db = psycopg.connect(self._url, autocommit=True, connect_timeout=CONNECT_TIMEOUT)
+        self._used = time.monotonic()
         return self._db
 
     def _close(self) -> None:
