@@ -207,6 +207,8 @@ def test_sigkill_of_a_worker_hands_its_jobs_back_within_the_lease(cluster):
     lost_id = submit(api, "hold")
     again_id = submit(api, "holdsafe")
     wait_until(lambda: job(api, lost_id)["status"] == job(api, again_id)["status"] == "running")
+    pids = wait_until(lambda: len(rows := cluster.rows("SELECT pid FROM jobs WHERE pid > 0")) == 2
+                      and [pid for (pid,) in rows])  # fmt: skip
     survivor = cluster.node("worker")
     doomed.kill()
     killed = time.monotonic()
@@ -217,6 +219,8 @@ def test_sigkill_of_a_worker_hands_its_jobs_back_within_the_lease(cluster):
     assert time.monotonic() - killed < 10  # a 2 s lease, reaped within a few
     assert cluster.lines().count("hold") == 1, "a job that is not retry-safe ran twice"
     assert job(api, again_id)["status"] == "running"
+    # What the dead worker started is killed by the worker left on its host.
+    wait_until(lambda: all(group_gone(pid) for pid in pids), timeout=10)
     status, _, _ = call(api, "DELETE", f"/jobs/{again_id}")
     assert status == 200
     survivor.terminate()

@@ -105,6 +105,7 @@ def claim(
     tools: Mapping[str, int],
     capacity: int,
     started: float,
+    host: str = "",
 ) -> list[tuple[Job, int]]:
     """
     Take up to C{capacity} queued jobs of the C{tools} this worker declares (name: its
@@ -141,11 +142,11 @@ def claim(
                 continue
         rows = db.execute(
             f"UPDATE jobs j SET status = %s, worker = %s, attempt = j.attempt + 1,"  # noqa: S608
-            " started = %s, cancel_requested = false"
+            " started = %s, cancel_requested = false, host = %s"
             " FROM (SELECT seq FROM jobs WHERE status = %s AND tool = %s"
             "       ORDER BY seq LIMIT %s FOR UPDATE SKIP LOCKED) picked"
             f" WHERE j.seq = picked.seq RETURNING {_J}, j.attempt",
-            (RUNNING, worker, started, QUEUED, tool, wanted),
+            (RUNNING, worker, started, host, QUEUED, tool, wanted),
         ).fetchall()
         # A re-run (of a retry-safe job) starts its output afresh.
         db.execute("DELETE FROM job_output WHERE job_id = ANY(%s)", ([row[0] for row in rows],))
@@ -245,6 +246,17 @@ def reap(
     if not ready:
         return None
     db.execute("DELETE FROM workers WHERE expires < now()")
+    doomed = db.execute(
+        "SELECT id, host, pid, started FROM jobs WHERE status = %s AND NOT EXISTS"
+        " (SELECT 1 FROM workers w WHERE w.id = jobs.worker) FOR UPDATE",
+        (RUNNING,),
+    ).fetchall()
+    if not doomed:
+        return []
+    # What the dead worker started may still run on its host: a worker there will kill it.
+    left = [(host, pid, started) for _, host, pid, started in doomed if host and pid]
+    if left:
+        db.cursor().executemany("INSERT INTO orphans VALUES (%s, %s, %s)", left)
     reaped = db.execute(
         "UPDATE jobs SET"
         " status = CASE WHEN tool = ANY(%(safe)s) THEN %(queued)s ELSE %(lost)s END,"
@@ -253,8 +265,7 @@ def reap(
         " error = CASE WHEN tool = ANY(%(safe)s) THEN NULL"
         "  ELSE 'lost: its worker stopped renewing its lease while the job ran' END,"
         " pid = NULL"
-        " WHERE status = %(running)s"
-        " AND NOT EXISTS (SELECT 1 FROM workers w WHERE w.id = jobs.worker)"
+        " WHERE status = %(running)s AND id = ANY(%(doomed)s)"
         " RETURNING id, status",
         {
             "safe": sorted(retry_safe),
@@ -262,6 +273,7 @@ def reap(
             "lost": LOST,
             "now": finished,
             "running": RUNNING,
+            "doomed": [row[0] for row in doomed],
         },
     ).fetchall()
     db.execute(
@@ -272,6 +284,13 @@ def reap(
     if any(status == QUEUED for _, status in reaped):
         db.execute("SELECT pg_notify(%s, '')", (QUEUED_CHANNEL,))
     return [(job_id, status) for job_id, status in reaped]
+
+
+def orphans(db: psycopg.Connection, host: str) -> list[tuple[int, float | None]]:
+    """Take the (pid, started) of the process groups reaped jobs left on this host."""
+    return db.execute(
+        "DELETE FROM orphans WHERE host = %s RETURNING pid, started", (host,)
+    ).fetchall()
 
 
 def queued_count(db: psycopg.Connection) -> int:

@@ -48,6 +48,7 @@ from twistnet.http.runner import (
     QueueFull,
     _cancel,
     _Run,
+    boot_time,
     signal_group,
 )
 from twistnet.http.store import IJobStore
@@ -239,6 +240,7 @@ class ClusterRunner(LocalRunner):
         self.lease = lease
         self.poll_interval = poll_interval
         self.worker_id = worker_id or worker_name()
+        self.host = socket.gethostname()
         self.monotonic = monotonic
         #: The (worker id, attempt) of each job this worker runs: the fence of its writes
         #: (the id it had when it claimed the job: a worker whose lease expired takes a new one).
@@ -373,6 +375,17 @@ class ClusterRunner(LocalRunner):
         for job_id, status in reaped or ():
             self.log.warn("job {job}: its worker's lease expired; now {status}",
                           job=job_id, status=status)  # fmt: skip
+        if self.run_jobs:
+            self._sweep_orphans(await self.db.write(lambda db: claims.orphans(db, self.host)))
+
+    def _sweep_orphans(self, orphans: list[tuple[int, float | None]]) -> None:
+        """Kill what reaped jobs of a dead worker on this host left running."""
+        booted = boot_time()
+        for pid, started in orphans:
+            if (started or 0) < booted:
+                continue  # a reboot since: that group id now belongs to someone else
+            self.log.info("killing process group {pid}, left by a reaped job", pid=pid)
+            self.signal_group(pid, signal.SIGKILL, False)
 
     # --- polling and notifications --------------------------------------------------------
 
@@ -459,9 +472,10 @@ class ClusterRunner(LocalRunner):
             return
         self._claiming, self._claim_again = True, False
         worker, limits, now = self.worker_id, self._limits(), self.clock.seconds()
-        self.db.write(lambda db: claims.claim(db, worker, limits, capacity, now)).addCallbacks(
-            self._claimed, self._claim_failed, (worker,)
-        )
+        host = self.host
+        self.db.write(
+            lambda db: claims.claim(db, worker, limits, capacity, now, host)
+        ).addCallbacks(self._claimed, self._claim_failed, (worker,))
 
     def _claimed(self, claimed: list[tuple[Job, int]], worker: str) -> None:
         self._claiming = False

@@ -46,6 +46,8 @@ MIGRATIONS = [
         worker text,
         attempt integer NOT NULL DEFAULT 0,
         cancel_requested boolean NOT NULL DEFAULT false,
+        -- The host of the worker that claimed it: only there can its process group be killed.
+        host text,
         idempotency_key text UNIQUE
     );
     CREATE INDEX jobs_by_status ON jobs (status, seq);
@@ -68,6 +70,14 @@ MIGRATIONS = [
         tools text[] NOT NULL,
         lease_seconds double precision NOT NULL,
         expires timestamptz NOT NULL
+    );
+
+    -- Process groups of reaped jobs, left on their host (a worker killed by SIGKILL leaves its
+    -- jobs running): a worker on that host kills them.
+    CREATE TABLE orphans (
+        host text NOT NULL,
+        pid integer NOT NULL,
+        started double precision
     );
 
     -- One row per tool and slot: a worker holds a slot (row lock) for each job it starts,
