@@ -77,6 +77,9 @@ class MemoryStore:
         data = bytes(self.outputs.get(job_id, b""))[offset:]
         return data if size < 0 else data[:size]
 
+    def fetch_output(self, job_id, offset=0, size=-1):
+        return defer.succeed(self.read_output(job_id, offset, size))
+
 
 class FakeProcess:
     def __init__(self, pid):

@@ -1,15 +1,22 @@
-"""twistnet-http job store: SQLite through one thread, group commit, survival across restarts."""
+"""
+twistnet-http job stores: the contract every L{IJobStore} keeps, run against SQLite (one
+thread, group commit, output files) and a real PostgreSQL (chunk rows, shared by nodes).
+"""
 
 from __future__ import annotations
 
 import sqlite3
 
+import psycopg
 import pytest
 import pytest_twisted
 from twisted.internet import defer
 
 from twistnet.http.model import FAILED, QUEUED, RUNNING, SUCCEEDED, Job
+from twistnet.http.pgstore import PostgresJobStore
 from twistnet.http.store import IJobStore, SQLiteJobStore, StoreError
+
+pytest_plugins = ["pg_support"]
 
 
 def make_job(number: int, tool: str = "echo", status: str = QUEUED, created: float = 0.0) -> Job:
@@ -23,12 +30,22 @@ def make_job(number: int, tool: str = "echo", status: str = QUEUED, created: flo
     )
 
 
-@pytest.fixture
-def open_store(tmp_path, reactor):
+@pytest.fixture(params=["sqlite", "postgresql"])
+def open_store(request, tmp_path, reactor):
+    """Opens (or opens again) the test's store, of each kind in turn."""
     stores = []
+    if request.param == "postgresql":
+        url = request.getfixturevalue("postgres_url")
 
-    def start(name: str = "jobs.db") -> SQLiteJobStore:
-        store = SQLiteJobStore(tmp_path / name, reactor)
+        def make(name):
+            return PostgresJobStore(url if name == "jobs.db" else url + "x", reactor)
+    else:
+
+        def make(name):
+            return SQLiteJobStore(tmp_path / name, reactor)
+
+    def start(name: str = "jobs.db"):
+        store = make(name)
         store.startService()
         stores.append(store)
         return store
@@ -83,16 +100,20 @@ async def test_jobs_and_output_survive_a_restart(open_store, tmp_path):
     await store.add(make_job(2, status=RUNNING))
     await store.add(make_job(3))
     with store.open_output(job.id) as output:
-        output.write(b"hello\xff")
+        output.write(b"hel")
+        output.write(b"lo\xff")
+    await store.update(finished)  # after the output, as the runner does
     await store.stopService()
 
     again = open_store()
     assert again.cached(job.id) is None
     assert await again.get(job.id) == finished
     assert await again.get("0" * 31 + "f") is None
-    assert again.read_output(job.id) == b"hello\xff"
-    assert again.read_output(job.id, offset=2, size=2) == b"ll"
-    assert again.read_output("f" * 32) == b""
+    assert await again.fetch_output(job.id) == b"hello\xff"
+    assert await again.fetch_output(job.id, offset=2, size=2) == b"ll"
+    assert await again.fetch_output(job.id, offset=4, size=100) == b"o\xff"
+    assert await again.fetch_output(job.id, offset=99) == b""
+    assert await again.fetch_output("f" * 32) == b""
     assert [j.id for j in await again.unfinished()] == [make_job(2).id, make_job(3).id]
 
 
@@ -103,12 +124,13 @@ async def test_prune_forgets_old_finished_jobs_and_their_output(open_store):
     new = make_job(2).evolve(status=SUCCEEDED, finished=300.0)
     queued = make_job(3)
     for job in (old, new, queued):
-        await store.add(job)
         with store.open_output(job.id) as output:
             output.write(b"x")
+        await store.add(job)
     assert await store.prune(before=200.0) == 1
     assert await store.get(old.id) is None
-    assert store.read_output(old.id) == b""
+    assert await store.fetch_output(old.id) == b""
+    assert await store.fetch_output(new.id) == b"x"
     assert (await store.get(new.id)) == new
     assert (await store.get(queued.id)) == queued
 
@@ -117,7 +139,7 @@ async def test_prune_forgets_old_finished_jobs_and_their_output(open_store):
 async def test_a_failed_write_fails_its_caller_and_the_store_keeps_working(open_store):
     store = open_store()
     await store.add(make_job(1))
-    with pytest.raises(sqlite3.IntegrityError):
+    with pytest.raises((sqlite3.IntegrityError, psycopg.IntegrityError)):
         await store.add(make_job(1))
     await store.add(make_job(2))
     jobs, _ = await store.list()

@@ -168,7 +168,7 @@ def test_daemon_mode_one_pidfile_the_parents(tmp_path):
     ("plugin", "argv", "message"),
     [
         ("twistnet-chat", [], "share it through Redis (--redis URL) or run one process"),
-        ("twistnet-http", [], "N processes would be N separate job services"),
+        ("twistnet-http", [], "use a PostgreSQL --db or run one process"),
         ("twistnet-log", [], "run one process per file"),
         ("twistnet-echo", ["--udp-port", "0"], "UDP echo is not shared between processes"),
         ("twistnet-echo", ["--listen", "unix:/tmp/x.sock"], "shares plain TCP listeners only"),

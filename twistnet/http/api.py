@@ -46,6 +46,9 @@ STORE_RETRY_AFTER = 5
 #: Job ids are made here (uuid4 hex); anything else in the path is simply not a job.
 JOB_ID = re.compile(r"[0-9a-f]{32}")
 
+#: An Idempotency-Key: what a client may reasonably send (a UUID, say), and no more.
+IDEMPOTENCY_KEY = re.compile(rb"[\x21-\x7e]{1,255}")
+
 _JSON = parse.JSON
 
 
@@ -159,6 +162,10 @@ class JobApi(resource.Resource):
     def _late_failure(self, failure, request, template) -> None:
         if failure.check(ApiError):
             error = failure.value
+        elif failure.check(StoreUnavailable):
+            # The database is down or restarting: a moment's wait, not a server error.
+            log.warn("the job store is unavailable: {error}", error=failure.getErrorMessage())
+            error = _unavailable()
         else:
             log.failure(
                 "handler for {method} {path} failed",
@@ -237,19 +244,23 @@ class JobApi(resource.Resource):
                 status=202,
             )
 
-        return self.runner.submit(job).addCallbacks(accepted, self._refused)
+        key = request.getHeader(b"idempotency-key")
+        if key is None:
+            submitted = self.runner.submit(job)
+        else:
+            if not IDEMPOTENCY_KEY.fullmatch(key):
+                raise ApiError(
+                    400, "bad request", "Idempotency-Key must be 1 to 255 printable ASCII bytes."
+                )
+            submitted = self.runner.submit(job, idempotency_key=key.decode("ascii"))
+        return submitted.addCallbacks(accepted, self._refused)
 
     def _refused(self, failure) -> None:
         if failure.check(StoreUnavailable):
             # Not stored (a full disk, a failing database): the job does not exist, and
             # the client may try again later; the operator gets the reason, once.
             log.error("could not store a new job: {error}", error=failure.getErrorMessage())
-            raise ApiError(
-                503,
-                "store unavailable",
-                "The job could not be stored; try again later.",
-                {b"retry-after": str(STORE_RETRY_AFTER).encode()},
-            )
+            raise _unavailable("The job could not be stored; try again later.")
         failure.trap(QueueFull)  # anything else is a bug: a 500 and a traceback in the log
         raise ApiError(
             429,
@@ -275,20 +286,23 @@ class JobApi(resource.Resource):
         if rendered is not None:
             return (rendered,)
         job = self.store.cached(job_id)
-        if job is not None:
-            return (self._render_job(job),)
-        return self._job_or_404(job_id).addCallback(
-            lambda job: self._send(request, "/jobs/{id}", self._render_job(job))
+        found = defer.succeed(job) if job is not None else self._job_or_404(job_id)
+        return found.addCallback(self._render_job).addCallback(
+            lambda body: self._send(request, "/jobs/{id}", body)
         )
 
-    def _render_job(self, job: Job) -> bytes:
-        output = self.store.read_output(job.id, 0, LOG_CHUNK).decode("utf-8", "replace")
+    async def _render(self, job: Job) -> bytes:
+        output = (await self.store.fetch_output(job.id, 0, LOG_CHUNK)).decode("utf-8", "replace")
         body = encode(job.to_json(output))
         if job.terminal:
             self._rendered[job.id] = body
             while len(self._rendered) > RENDERED_CACHE:
                 self._rendered.popitem(last=False)
         return body
+
+    def _render_job(self, job: Job) -> defer.Deferred[bytes]:
+        """The job as GET /jobs/{id} shows it, with its output (read from the store)."""
+        return defer.Deferred.fromCoroutine(self._render(job))
 
     @route("/jobs/{id}", "DELETE")
     def cancel(self, request: server.Request, job_id: str) -> defer.Deferred[None]:
@@ -303,7 +317,7 @@ class JobApi(resource.Resource):
                 raise ApiError(
                     409, "already finished", f"Job {job_id} is not queued or running here."
                 )
-            self._send(request, "/jobs/{id}", self._render_job(cancelled))
+            self._send(request, "/jobs/{id}", await self._render_job(cancelled))
 
         return defer.Deferred.fromCoroutine(cancel())
 
@@ -328,7 +342,7 @@ class JobApi(resource.Resource):
                 )
                 stream.start()
                 return
-            data = self.store.read_output(job.id, offset, LOG_CHUNK)
+            data = await self.store.fetch_output(job.id, offset, LOG_CHUNK)
             request.setHeader(b"x-next-offset", str(offset + len(data)).encode())
             request.setHeader(b"x-job-status", job.status.encode())
             self._send(request, "/jobs/{id}/log", data, b"text/plain; charset=utf-8")
@@ -347,21 +361,35 @@ class JobApi(resource.Resource):
 
     @route("/healthz", "GET")
     def health(self, request: server.Request):
-        return (
-            encode(
-                {
-                    "status": "ok",
-                    "queued": self.runner.queue_depth(),
-                    "running": len(self.runner.active),
-                    "workers": self.runner.workers,
-                    "queue_size": self.runner.queue_size,
-                }
-            ),
-        )
+        body = {
+            "status": "ok",
+            "queued": self.runner.queue_depth(),
+            "running": len(self.runner.active),
+            "workers": self.runner.workers,
+            "queue_size": self.runner.queue_size,
+        }
+        # A store on a server (PostgreSQL) may be out of reach; a local file is not asked.
+        reachable = getattr(self.store, "reachable", None)
+        if reachable is None:
+            return (encode(body),)
+
+        def answer(ok: bool) -> None:
+            body["store"] = "reachable" if ok else "unreachable"
+            if not ok:
+                body["status"] = "store unreachable"
+            self._send(request, "/healthz", encode(body), status=200 if ok else 503)
+
+        return reachable().addCallback(answer)
 
     @route("/metrics", "GET")
     def prometheus(self, request: server.Request):
         return (generate_latest(self.metrics.registry), CONTENT_TYPE_LATEST.encode())
+
+
+def _unavailable(detail: str = "The job store is unavailable; try again later.") -> ApiError:
+    return ApiError(
+        503, "store unavailable", detail, {b"retry-after": str(STORE_RETRY_AFTER).encode()}
+    )
 
 
 def _jobs_are_waiting(count: int) -> str:

@@ -152,8 +152,11 @@ class IRunner(Interface):
     def queue_depth() -> int:
         """How many jobs are waiting."""
 
-    def submit(job: Job) -> defer.Deferred[Job]:
-        """Store C{job} durably and queue it; fails with L{QueueFull} when there is no room."""
+    def submit(job: Job, idempotency_key: str | None = None) -> defer.Deferred[Job]:
+        """
+        Store C{job} durably and queue it; fails with L{QueueFull} when there is no room.
+        With an C{idempotency_key} already used, fires with the job that key made instead.
+        """
 
     def cancel(job_id: str) -> defer.Deferred[Job | None]:
         """Cancel a queued or running job; fires with the job once it is cancelled, or None."""
@@ -437,7 +440,9 @@ class LocalRunner(Service):
     def queue_depth(self) -> int:
         return len(self.queue) + self._reserved
 
-    def submit(self, job: Job) -> defer.Deferred[Job]:
+    def submit(self, job: Job, idempotency_key: str | None = None) -> defer.Deferred[Job]:
+        # The key is the PostgreSQL store's (ClusterRunner): a SQLite commit is local, so its
+        # outcome is never left unknown by a lost database connection.
         if self.queue_depth() >= self.queue_size:
             # Jobs leave the queue whenever a worker frees up: ask for a short, polite pause.
             return defer.fail(QueueFull(retry_after=1))

@@ -4,7 +4,9 @@ event per line of output, without its line break, whose id is the byte offset af
 line, so Last-Event-ID resumes exactly; a final C{end} event gives the status.
 
 L{events} frames bytes into events without IO; L{EventStream} is the glue that feeds it a
-job's output as the job writes it and keeps an idle stream alive.
+job's output as the job writes it and keeps an idle stream alive. A job this node's runner
+does not run (it runs on another node of a cluster, or has just finished) is followed by
+polling the store every L{POLL_INTERVAL}.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from twistnet.http.model import Job
 
 #: Seconds between comments on an idle event stream, so a vanished client is noticed.
 SSE_KEEPALIVE = 15.0
+#: Seconds between reads of a job running elsewhere: its new output shows within a second.
+POLL_INTERVAL = 0.5
 
 
 def events(data: bytes, offset: int, terminal: bool) -> tuple[bytes, int]:
@@ -69,7 +73,11 @@ class EventStream:
         self.chunk = chunk
         self.unwatch: Callable[[], None] | None = None
         self.keepalive: IDelayedCall | None = None
+        self.poll_call: IDelayedCall | None = None
         self.done = False
+        #: A read of the store is under way; C{stale}: the job changed meanwhile.
+        self.reading = False
+        self.stale = False
 
     def start(self) -> None:
         request = self.request
@@ -86,21 +94,54 @@ class EventStream:
         if not self.job.terminal:
             self.unwatch = self.runner.watch(self.job.id, self._changed)
             if not self.runner.is_active(self.job.id):
-                # Finished between the lookup and the watch: read its final state.
-                self.store.get(self.job.id).addCallback(lambda job: self._changed(job or self.job))
-                return
+                # Running elsewhere, or finished between the lookup and the watch: read it
+                # from the store until it ends.
+                self.poll_call = self.clock.callLater(0, self._poll)
         self._changed(self.job)
+
+    def _poll(self) -> None:
+        self.poll_call = None
+        if self.done:
+            return
+
+        def polled(job: Job | None) -> None:
+            if not self.done:
+                self._changed(job or self.job)
+                if not self.done:
+                    self.poll_call = self.clock.callLater(POLL_INTERVAL, self._poll)
+
+        self.store.get(self.job.id).addCallbacks(polled, lambda _: polled(None))
 
     def _changed(self, job: Job) -> None:
         if self.done:
             return
         self.job = job
-        data = self.store.read_output(job.id, self.offset, self.chunk)
+        if self.reading:
+            self.stale = True
+            return
+        self.reading = True
+        self.store.fetch_output(job.id, self.offset, self.chunk).addCallbacks(
+            self._read, lambda _: self._read(b"", failed=True)
+        )
+
+    def _read(self, data: bytes, failed: bool = False) -> None:
+        self.reading = False
+        if self.done:
+            return
+        job = self.job
+        full = len(data) >= self.chunk
         # A full chunk goes out even mid-line: a line longer than a chunk must still move.
-        framed, self.offset = events(data, self.offset, job.terminal or len(data) >= self.chunk)
+        framed, self.offset = events(data, self.offset, job.terminal or full)
         if framed:
             self.request.write(framed)
-        if job.terminal:
+        if self.stale or full:
+            self.stale = False
+            self._changed(self.job)
+            return
+        if failed and self.poll_call is None:
+            # The store could not be read (a database restarting): try again shortly.
+            self.poll_call = self.clock.callLater(POLL_INTERVAL, self._poll)
+        if job.terminal and not failed:
             self.request.write(end_event(self.offset, job))
             self._close()
             self.request.finish()
@@ -127,6 +168,9 @@ class EventStream:
         if self.keepalive is not None and self.keepalive.active():
             self.keepalive.cancel()
         self.keepalive = None
+        if self.poll_call is not None and self.poll_call.active():
+            self.poll_call.cancel()
+        self.poll_call = None
 
     def _gone(self, _: Any) -> None:
         self._close()

@@ -7,8 +7,8 @@ transaction (group commit), so submissions arriving together cost one commit, on
 and each caller's Deferred fires only after that commit: a 202 is never sent for a job that
 is not on disk. Job output is kept in files beside the database, one per job.
 
-A later store shared by several machines (PostgreSQL, say) implements L{IJobStore} the same
-way; nothing outside this module knows about SQLite.
+L{twistnet.http.pgstore.PostgresJobStore}, shared by several machines, implements
+L{IJobStore} the same way; nothing outside this module knows about SQLite.
 """
 
 from __future__ import annotations
@@ -84,14 +84,16 @@ class IJobStore(Interface):
     def open_output(job_id: str) -> BinaryIO:
         """A new, empty file for the job's output, replacing that of a cut-short run."""
 
-    def read_output(job_id: str, offset: int, size: int) -> bytes:
-        """Up to C{size} bytes of the job's output from C{offset} (synchronous)."""
+    def fetch_output(job_id: str, offset: int, size: int) -> defer.Deferred[bytes]:
+        """Up to C{size} bytes (all, if negative) of the job's output from C{offset}."""
 
 
-_COLUMNS = (
+#: The columns of a job row, in the order of L{job_row}, in every store.
+JOB_COLUMNS = (
     "id, tool, params, status, timeout, created, started, finished, "
     "exit_code, result, error, truncated, output_size, pid"
 )
+_COLUMNS = JOB_COLUMNS
 
 # SQL below is built only from these constants and fixed fragments; every value is a bound
 # parameter (hence the S608 exemptions).
@@ -129,44 +131,80 @@ CREATE INDEX IF NOT EXISTS jobs_by_finished ON jobs (finished);
 """
 
 
-def _row(job: Job) -> tuple:
+def listing(
+    status: str | None,
+    tool: str | None,
+    limit: int,
+    cursor: str | None,
+    mark: str,
+    to_job: Callable[[tuple], Job],
+) -> Callable[[Any], tuple[list[Job], str | None]]:
+    """
+    The query of one page of the listing, for a DB-API connection whose placeholder is
+    C{mark}: newest first, filtered; a cursor is the C{seq} of the previous page's end.
+    """
+    limit = max(1, min(limit, MAX_LIMIT))
+    where, args = [], []
+    for condition, value in (("status =", status), ("tool =", tool), ("seq <", cursor)):
+        if value is not None:
+            where.append(f"{condition} {mark}")
+            args.append(int(value) if condition == "seq <" else value)
+    clause = f"WHERE {' AND '.join(where)}" if where else ""
+    sql = f"SELECT seq, {_COLUMNS} FROM jobs {clause} ORDER BY seq DESC LIMIT {mark}"  # noqa: S608
+
+    def query(db) -> tuple[list[Job], str | None]:
+        rows = db.execute(sql, (*args, limit + 1)).fetchall()
+        more = len(rows) > limit
+        rows = rows[:limit]
+        return [to_job(row[1:]) for row in rows], (str(rows[-1][0]) if more else None)
+
+    return query
+
+
+def job_row(job: Job, encode: Callable[[Any], Any] = json.dumps) -> tuple:
+    """C{job} as the values of L{_COLUMNS}; C{encode} makes JSON values storable."""
     return (
         job.id,
         job.tool,
-        json.dumps(job.params),
+        encode(job.params),
         job.status,
         job.timeout,
         job.created,
         job.started,
         job.finished,
         job.exit_code,
-        None if job.result is None else json.dumps(job.result),
+        None if job.result is None else encode(job.result),
         job.error,
-        int(job.truncated),
+        job.truncated,
         job.output_size,
         job.pid,
     )
 
 
-def _job(row: tuple) -> Job:
+def job_from_row(row: tuple, decode: Callable[[Any], Any] = json.loads) -> Job:
+    """The job in a row of L{_COLUMNS}; C{decode} reads back what C{job_row} encoded."""
     (id, tool, params, status, timeout, created, started, finished) = row[:8]
     (exit_code, result, error, truncated, output_size, pid) = row[8:14]
     return Job(
         id=id,
         tool=tool,
-        params=json.loads(params),
+        params=decode(params),
         status=status,
         timeout=timeout,
         created=created,
         started=started,
         finished=finished,
         exit_code=exit_code,
-        result=None if result is None else json.loads(result),
+        result=None if result is None else decode(result),
         error=error,
         truncated=bool(truncated),
         output_size=output_size,
         pid=pid,
     )
+
+
+_row = job_row
+_job = job_from_row
 
 
 class _Operation:
@@ -215,6 +253,8 @@ class SQLiteJobStore(Service):
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._stopped: defer.Deferred[None] | None = None
+        #: Set for good once stopping starts: the thread may outlive its last answer a little.
+        self._closing = False
         self._cache: OrderedDict[str, Job] = OrderedDict()
         self._cache_size = cache_size
         self.commits = 0
@@ -229,6 +269,7 @@ class SQLiteJobStore(Service):
 
     def stopService(self) -> defer.Deferred[None]:
         super().stopService()
+        self._closing = True
         if self._thread is None:
             self._db.close()
             return defer.succeed(None)
@@ -295,7 +336,7 @@ class SQLiteJobStore(Service):
             stopped.callback(None)
 
     def _submit(self, function: Callable[[sqlite3.Connection], Any], write: bool = False):
-        if self._thread is None or not self._thread.is_alive() or self._stopped is not None:
+        if self._thread is None or not self._thread.is_alive() or self._closing:
             return defer.fail(StoreError("the job store is not running"))
         op = _Operation(function, write)
         self._queue.put(op)
@@ -351,28 +392,14 @@ class SQLiteJobStore(Service):
         limit: int = 50,
         cursor: str | None = None,
     ) -> defer.Deferred[tuple[list[Job], str | None]]:
-        limit = max(1, min(limit, MAX_LIMIT))
-        where, args = [], []
-        if status is not None:
-            where.append("status = ?")
-            args.append(status)
-        if tool is not None:
-            where.append("tool = ?")
-            args.append(tool)
-        if cursor is not None:
-            where.append("seq < ?")
-            args.append(int(cursor))
-        clause = f"WHERE {' AND '.join(where)}" if where else ""
-        sql = f"SELECT seq, {_COLUMNS} FROM jobs {clause} ORDER BY seq DESC LIMIT ?"  # noqa: S608
+        return self._submit(
+            listing(
+                status, tool, limit, cursor, "?", lambda row: self._cache.get(row[0]) or _job(row)
+            )
+        )
 
-        def query(db: sqlite3.Connection):
-            rows = db.execute(sql, (*args, limit + 1)).fetchall()
-            more = len(rows) > limit
-            rows = rows[:limit]
-            jobs = [self._cache.get(row[1]) or _job(row[1:]) for row in rows]
-            return jobs, (str(rows[-1][0]) if more else None)
-
-        return self._submit(query)
+    def _cached_or_new(self, row: tuple) -> Job:
+        return self._cache.get(row[0]) or _job(row)
 
     def unfinished(self) -> defer.Deferred[list[Job]]:
         def query(db: sqlite3.Connection) -> list[Job]:
@@ -422,3 +449,6 @@ class SQLiteJobStore(Service):
                 return output.read(size)
         except FileNotFoundError:
             return b""
+
+    def fetch_output(self, job_id: str, offset: int = 0, size: int = -1) -> defer.Deferred[bytes]:
+        return defer.succeed(self.read_output(job_id, offset, size))

@@ -40,6 +40,8 @@ from twistnet.http.channel import (
     DEFAULT_REQUEST_TIMEOUT,
     JobSite,
 )
+from twistnet.http.cluster import DEFAULT_LEASE, ClusterRunner
+from twistnet.http.pgstore import PostgresJobStore, is_postgres_url, redacted
 from twistnet.http.runner import LocalRunner, unrunnable
 from twistnet.http.store import SQLiteJobStore, StoreError
 from twistnet.http.tools import (
@@ -62,6 +64,10 @@ DEFAULT_DB = "twistnet-http.db"
 TOKEN_VARIABLE = "TWISTNET_HTTP_TOKEN"  # noqa: S105 - a variable name, not a secret
 #: How often finished jobs older than --keep-days are pruned.
 PRUNE_INTERVAL = 3600.0
+#: Bounds of --lease: below a second, a busy database's pause would expire live workers; the
+#: issue's promise is a dead worker's jobs handed back within a minute.
+MIN_LEASE = 1.0
+MAX_LEASE = 60.0
 
 
 def _log_level(value: str):
@@ -96,6 +102,25 @@ def beyond_loopback(description: str) -> bool:
         return not ipaddress.ip_address(interface).is_loopback
     except ValueError:
         return True
+
+
+ROLES = ("api", "worker", "both")
+
+
+def _role(value: str) -> str:
+    if value not in ROLES:
+        raise ValueError(f"expected one of {', '.join(ROLES)}, got {value!r}")
+    return value
+
+
+_role.coerceDoc = "api, worker or both."  # type: ignore[attr-defined]
+
+
+def _lease(value: str) -> float:
+    lease = float(value)
+    if not MIN_LEASE <= lease <= MAX_LEASE:
+        raise ValueError(f"expected {MIN_LEASE:g} to {MAX_LEASE:g} seconds, got {value}")
+    return lease
 
 
 class Options(ServiceOptions):
@@ -144,13 +169,36 @@ class Options(ServiceOptions):
             positive_int,
         ],
         ["max-body", None, DEFAULT_MAX_BODY, "Largest request body in bytes.", positive_byte_size],
-        ["db", None, DEFAULT_DB, "The SQLite job database; job output goes beside it."],
+        [
+            "db",
+            None,
+            DEFAULT_DB,
+            "The job database: a SQLite file (job output goes beside it), or a PostgreSQL "
+            "URL, postgresql://user@host:port/dbname, shared by the nodes of a cluster (the "
+            "password from the URL, $PGPASSWORD or ~/.pgpass).",
+        ],
         [
             "keep-days",
             None,
             DEFAULT_KEEP_DAYS,
             "Forget finished jobs after this many days (0 = keep forever).",
             non_negative_float,
+        ],
+        [
+            "role",
+            None,
+            "both",
+            "With a PostgreSQL --db: api (accept and answer, run nothing), worker (run jobs, "
+            "listen on no port) or both.",
+            _role,
+        ],
+        [
+            "lease",
+            None,
+            DEFAULT_LEASE,
+            "With a PostgreSQL --db: seconds of a worker's lease; a dead worker's jobs are "
+            "handed back (lost, or re-queued if retry-safe) within about this.",
+            _lease,
         ],
         [
             "config",
@@ -175,8 +223,10 @@ class Options(ServiceOptions):
     def postOptions(self) -> None:
         refuse_processes(
             self,
-            "jobs live in one process's SQLite store and runner, so N processes would be N "
-            "separate job services on one file; run one process.",
+            None
+            if is_postgres_url(self["db"])
+            else "jobs live in one process's SQLite store and runner, so N processes would be "
+            "N separate job services on one file; use a PostgreSQL --db or run one process.",
         )
         self["token"] = self._token()
         tools = list(self["tool"])
@@ -193,7 +243,11 @@ class Options(ServiceOptions):
         for tool in self["tools"].values():
             if (problem := unrunnable(tool)) is not None:
                 raise usage.UsageError(problem)
-        if self["token"] is None and not self["insecure"]:
+        if self["role"] != "both" and not is_postgres_url(self["db"]):
+            raise usage.UsageError(
+                f"--role {self['role']} needs a PostgreSQL --db shared by the cluster's nodes."
+            )
+        if self["token"] is None and not self["insecure"] and self["role"] != "worker":
             for description in self.endpoint_descriptions():
                 if beyond_loopback(description):
                     raise usage.UsageError(
@@ -246,16 +300,40 @@ class InOrder(MultiService):
         return defer.Deferred.fromCoroutine(self._stop())
 
 
+def open_store(db: str, reactor=None) -> SQLiteJobStore | PostgresJobStore:
+    """The store --db names: PostgreSQL for a postgresql:// URL, else a SQLite file."""
+    if is_postgres_url(db):
+        return PostgresJobStore(db, reactor)
+    return SQLiteJobStore(db, reactor)
+
+
+def store_name(db: str) -> str:
+    """--db as it may be logged: a URL without its password, a file's absolute path."""
+    return redacted(db) if is_postgres_url(db) else os.path.abspath(db)
+
+
 @for_twistd
 def makeService(options: usage.Options, reactor=None) -> MultiService:
     level = options["log-level"]
     set_level(_log_level(level) if isinstance(level, str) else level)
     try:
-        store = SQLiteJobStore(options["db"], reactor)
+        store = open_store(options["db"], reactor)
     except StoreError as error:
         raise SystemExit(f"twistnet-http: {error}") from None
     tools = options["tools"]
-    runner = LocalRunner(store, tools, options["workers"], options["queue-size"], reactor)
+    role = options["role"]
+    if isinstance(store, PostgresJobStore):
+        runner = ClusterRunner(
+            store,
+            tools,
+            options["workers"],
+            options["queue-size"],
+            reactor,
+            run_jobs=role != "api",
+            lease=options["lease"],
+        )
+    else:
+        runner = LocalRunner(store, tools, options["workers"], options["queue-size"], reactor)
     api = JobApi(store, runner, tools, token=options["token"], clock=reactor)
     site = JobSite(
         api,
@@ -289,9 +367,12 @@ def makeService(options: usage.Options, reactor=None) -> MultiService:
     log.info(
         "twistnet-http: tools {tools}; jobs in {db}; {workers} workers, queue {queue}; {auth}",
         tools=", ".join(tools),
-        db=os.path.abspath(options["db"]),
-        workers=options["workers"],
+        db=store_name(options["db"]),
+        workers=runner.workers,
         queue=options["queue-size"],
         auth="token required for POST and DELETE" if options["token"] else "no token",
     )
+    if role == "worker":
+        log.info("twistnet-http: role worker, listening on no port")
+        return top
     return listening_services("twistnet-http", options.endpoint_descriptions(), site, reactor, top)
