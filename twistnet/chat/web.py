@@ -73,7 +73,7 @@ POLICY = 1008
 TRY_AGAIN_LATER = 1013
 
 WEBSOCKET_PATH = b"ws"
-PAGE_FILES = ("index.html", "chat.js", "chat.css")
+PAGE_FILES = ("index.html", "chat.js", "chat.css", "favicon.svg")
 
 
 @frozen
@@ -538,11 +538,14 @@ class ChatSite(resource.Resource):
         host = (request.getHeader(b"host") or b"").decode("latin-1")
         if not self.policy.host_allowed(host, request.getHost().host):
             return _Answer(421, "This server does not answer for that host name.")
-        if request.postpath or path not in (b"", WEBSOCKET_PATH, *map(str.encode, PAGE_FILES)):
-            return _Answer(404, "Not found.")
-        if path == WEBSOCKET_PATH:
+        if path == WEBSOCKET_PATH and not request.postpath:
             return self.websocket
-        return _File(self.files["index.html" if path == b"" else path.decode()])
+        if path == b"favicon.ico" and not request.postpath:
+            path = b"favicon.svg"  # asked for by browsers whatever the page says
+        name = "index.html" if path == b"" else path.decode("utf-8", "replace")
+        if request.postpath or name not in self.files:
+            return _Answer(404, "Not found.")
+        return _File(self.files[name])
 
 
 class _File(resource.Resource):
