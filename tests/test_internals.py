@@ -212,3 +212,11 @@ def test_sigterm_caught_by_twisted_is_forgotten_at_shutdown():
         assert reactor._exitSignal is None
     finally:
         reactor.waker.connectionLost(None)
+
+
+def test_the_websocket_upgrade_of_an_http_channel_is_still_there():
+    from twisted.web import http
+
+    # twistnet.chat.web hands an HTTP channel to its WebSocket protocol through it.
+    assert callable(http.HTTPChannel._protocolUpgradeForWebsockets)
+    assert callable(http.HTTPChannel.setTimeout)

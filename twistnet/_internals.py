@@ -6,7 +6,8 @@ The transports: write-through (L{write_now}) and the size of the unsent output
 (L{pending_output_probe}). twisted.web's channel: whether a request is being handled
 (L{handling_request}) and its answer to a malformed request (L{JsonBadRequestChannel}).
 Endpoint descriptions: their parsed kind and arguments (L{parse_description}). The reactor:
-the signal twistd re-raises at exit (L{forget_sigterm_at_exit}).
+the signal twistd re-raises at exit (L{forget_sigterm_at_exit}). The WebSocket upgrade of an
+HTTP channel (L{upgrade_channel}).
 
 Write-through: send at once when nothing is queued.
 
@@ -185,3 +186,13 @@ def forget_sigterm_at_exit(reactor) -> None:
             reactor._exitSignal = None
 
     reactor.addSystemEventTrigger("after", "shutdown", forget)
+
+
+def upgrade_channel(channel: http.HTTPChannel, wire) -> None:
+    """
+    Hand C{channel}'s connection to C{wire} (a byte-level protocol) after a WebSocket
+    handshake. twisted.web's only way is the private method its own C{twisted.web.websocket}
+    uses; its request timeout is turned off here, as nothing resets it after the upgrade.
+    """
+    channel.setTimeout(None)
+    channel._protocolUpgradeForWebsockets(wire)

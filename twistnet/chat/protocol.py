@@ -80,6 +80,15 @@ def _no_delay(transport) -> None:
             return
 
 
+def _output_probe(transport):
+    """
+    How to measure C{transport}'s unsent output: a transport that knows (a WebSocket
+    session, see L{twistnet.chat.web}) says so itself; any other is probed.
+    """
+    own = getattr(transport, "unsent_bytes", None)
+    return own if own is not None else pending_output_probe(transport)
+
+
 @implementer(IMember)
 class ChatProtocol(ManagedProtocol):
     """One person in the chat, as seen from their connection."""
@@ -103,7 +112,7 @@ class ChatProtocol(ManagedProtocol):
         limits: ChatLimits = factory.limits
         self.room = factory.room
         self._clock: IReactorTime = factory.clock
-        self._pending = pending_output_probe(self.transport) if limits.sendq else None
+        self._pending = _output_probe(self.transport) if limits.sendq else None
         self._counter = self._pending if isinstance(self._pending, PauseCounter) else None
         if limits.sendq and self._pending is None:
             factory.log.info(
@@ -265,14 +274,27 @@ class ChatProtocol(ManagedProtocol):
             self._reply(answers)
         lines, overflowed = self._splitter.feed(data)
         if overflowed:
-            self._refuse_overlong()
+            self.line_too_long()
         if lines:
-            # Only complete lines count as activity: a client trickling bytes of a line it
-            # never finishes idles out (the slowloris defence), and is the first evicted
-            # when the room is full.
-            self.spoke()
-            self.factory.counts.lines_in += len(lines)
-            self._lines(lines)
+            self.linesReceived(lines)
+
+    def linesReceived(self, lines: list[bytes]) -> None:
+        """
+        Act on complete lines (without their line ends), however they were framed: telnet
+        lines here, one WebSocket message each in L{twistnet.chat.web}.
+        """
+        if self._closing:
+            return
+        # Only complete lines count as activity: a client trickling bytes of a line it
+        # never finishes idles out (the slowloris defence), and is the first evicted
+        # when the room is full.
+        self.spoke()
+        self.factory.counts.lines_in += len(lines)
+        self._lines(lines)
+
+    @property
+    def max_line(self) -> int:
+        return self._splitter.max_line
 
     def _lines(self, lines: list[bytes]) -> None:
         bucket = self._bucket if self._bucket.rate else None
@@ -287,7 +309,7 @@ class ChatProtocol(ManagedProtocol):
                 self._over_rate(bucket.over())
                 continue
             if len(raw) > max_line:
-                self._refuse_overlong()
+                self.line_too_long()
                 continue
             backlog.append(_CONTROLS.sub("", raw.decode("utf-8", "replace")))
         self._drain()
@@ -347,7 +369,8 @@ class ChatProtocol(ManagedProtocol):
             self._held = None
             self.close(encode_lines(["*** The chat cannot take you in now. Try again later."]))
 
-    def _refuse_overlong(self) -> None:
+    def line_too_long(self) -> None:
+        """A line over --max-line was discarded (before it was buffered): say so, keep going."""
         self.factory.counts.lines_refused["max_line"] += 1
         self._notice(f"*** Line too long (over {self._splitter.max_line} bytes): not sent.")
 

@@ -4,26 +4,31 @@ from __future__ import annotations
 
 from functools import partial
 
+from twisted.application import strports
 from twisted.application.service import MultiService
 from twisted.python import usage
 
-from twistnet._connections import ConnectionCloser
+from twistnet._connections import ConnectionCloser, reactor_or_global
 from twistnet._processes import refuse_processes
 from twistnet._tap import (
+    AnnouncingEndpoint,
     ServiceOptions,
     ServiceRoot,
     byte_size,
+    check_endpoint,
     connection_options,
     for_twistd,
     listening_services,
     non_negative_float,
     non_negative_int,
+    port_number,
     positive_byte_size,
     positive_int,
 )
 from twistnet.chat.protocol import ChatFactory, ChatLimits
 from twistnet.chat.redis_room import RedisRoom, RedisUrlError, connect, parse_redis_url
 from twistnet.chat.room import Room, encode_lines
+from twistnet.chat.web import normal_origin, web_site
 from twistnet.metrics import LineMetrics, ServiceMetrics, add_metrics_service, metrics_option
 
 #: The port of the README's quick start, above 1024 so any user can run it.
@@ -122,8 +127,47 @@ class Options(ServiceOptions):
             "members announced gone.",
             non_negative_float,
         ],
+        [
+            "web",
+            None,
+            None,
+            "Also serve the chat page and its WebSocket on this TCP port "
+            "(shorthand for --web-listen tcp:PORT); off by default.",
+            port_number,
+        ],
         *metrics_option(),
     ]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self["web-listen"] = []
+        self["web-origin"] = []
+
+    def opt_web_listen(self, description: str) -> None:
+        self["web-listen"].append(check_endpoint(description, "--web-listen"))
+
+    opt_web_listen.__doc__ = (
+        "Serve the chat page on a server endpoint description, e.g. "
+        "ssl:8443:privateKey=key.pem:certKey=cert.pem; repeatable."
+    )
+
+    def opt_web_origin(self, origin: str) -> None:
+        try:
+            self["web-origin"].append(normal_origin(origin))
+        except ValueError as error:
+            raise usage.UsageError(f"--web-origin: {error}") from None
+
+    opt_web_origin.__doc__ = (
+        "Also accept pages and WebSockets from this origin (https://chat.example.org), as "
+        "the page is reached through a proxy or by a DNS name; repeatable."
+    )
+
+    def web_descriptions(self) -> list[str]:
+        """Where the chat page is served: every --web-listen, plus --web."""
+        descriptions = list(self["web-listen"])
+        if self["web"] is not None:
+            descriptions.append(f"tcp:{self['web']}")
+        return descriptions
 
     def postOptions(self) -> None:
         refuse_processes(
@@ -138,6 +182,13 @@ class Options(ServiceOptions):
             self["max-connections"] = self["max-clients"]
             self["cap-option"] = "--max-clients"
         self["redis-settings"] = self._redis_settings()
+        if self["web-origin"] and not self.web_descriptions():
+            raise usage.UsageError("--web-origin needs --web or --web-listen")
+        if self.web_descriptions() and self["processes"] != 1:
+            raise usage.UsageError(
+                f"--processes {self['processes']} with --web: the web page is served by "
+                "one process only for now; run it with one process."
+            )
 
     def _redis_settings(self):
         if self["redis-ttl"] == 0:
@@ -215,6 +266,21 @@ def makeService(options: usage.Options, reactor=None) -> MultiService:
         room.setServiceParent(top)
     ChatCloser(factory).setServiceParent(top)
     listening_services("twistnet-chat", options.endpoint_descriptions(), factory, reactor, top)
+    _web_services(options, factory, reactor, top)
     collectors = [ServiceMetrics(factory), LineMetrics(factory)]
     add_metrics_service(top, "twistnet-chat", options["metrics"], collectors, reactor)
     return top
+
+
+def _web_services(options: usage.Options, factory: ChatFactory, reactor, top) -> None:
+    """The chat page and its WebSocket on every --web/--web-listen (none by default)."""
+    descriptions = options.web_descriptions()
+    if not descriptions:
+        return
+    site = web_site(factory, options["web-origin"], reactor_or_global(reactor))
+    for description in descriptions:
+        listener = strports.service(description, site, reactor=reactor)
+        listener.endpoint = AnnouncingEndpoint(
+            listener.endpoint, "twistnet-chat", description, "serving its web page on"
+        )
+        listener.setServiceParent(top)
