@@ -132,7 +132,7 @@ class Options(ServiceOptions):
             None,
             None,
             "Also serve the chat page and its WebSocket on this TCP port "
-            "(shorthand for --web-listen tcp:PORT); off by default.",
+            "(shorthand for --web-listen tcp:PORT); off by default",
             port_number,
         ],
         *metrics_option(),
