@@ -36,6 +36,7 @@ from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import FileLogObserver, Logger, formatEvent
 from twisted.python import usage
 
+from twistnet._connections import reactor_or_global
 from twistnet._internals import parse_description
 
 log = Logger()
@@ -200,8 +201,7 @@ class Supervisor(Service):
         argv: list[str],
         reactor=None,
     ) -> None:
-        if reactor is None:
-            from twisted.internet import reactor
+        reactor = reactor_or_global(reactor)
         self.count = count
         self.held = held
         self.addresses = addresses
@@ -354,8 +354,7 @@ class SharedPort(Service):
     """Serves C{factory} on this child's own listener at the address the parent holds."""
 
     def __init__(self, name: str, address: Address, factory, reactor=None) -> None:
-        if reactor is None:
-            from twisted.internet import reactor
+        reactor = reactor_or_global(reactor)
         self.name = name
         self.address = address
         self.factory = factory

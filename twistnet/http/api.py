@@ -25,6 +25,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.web import resource, server
 
+from twistnet._connections import reactor_or_global
 from twistnet.http import openapi, parse
 from twistnet.http._logging import observer as log_observer
 from twistnet.http.errors import ApiError, encode, error_body, phrase
@@ -66,8 +67,7 @@ class JobApi(resource.Resource):
         clock=None,
     ) -> None:
         super().__init__()
-        if clock is None:
-            from twisted.internet import reactor as clock
+        clock = reactor_or_global(clock)
         self.store = store
         self.runner = runner
         self.tools = tools

@@ -33,6 +33,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from twistnet._connections import reactor_or_global
 from twistnet.http import claims, pgschema
 from twistnet.http._logging import observer as log_observer
 from twistnet.http.model import QUEUED, RUNNING, TERMINAL, Job
@@ -303,9 +304,7 @@ class PostgresJobStore(Service):
     log = Logger(observer=log_observer)
 
     def __init__(self, url: str, reactor=None) -> None:
-        if reactor is None:
-            from twisted.internet import reactor
-        self._reactor = reactor
+        self._reactor = reactor_or_global(reactor)
         self.url = url
         self.display = redacted(url)
         try:

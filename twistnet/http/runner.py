@@ -30,6 +30,7 @@ from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 from zope.interface import Attribute, Interface, implementer
 
+from twistnet._connections import reactor_or_global
 from twistnet.http._logging import observer as log_observer
 from twistnet.http._pytool import RESULT_FD
 from twistnet.http.ending import COULD_NOT_START, NOT_SPAWNED, ProcessEnd, interrupted, outcome
@@ -360,8 +361,7 @@ class LocalRunner(Service):
         signal_group: Callable[[int, int], None] = signal_group,
         environment: Mapping[str, str] | None = None,
     ) -> None:
-        if reactor is None:
-            from twisted.internet import reactor
+        reactor = reactor_or_global(reactor)
         self.store = store
         self.tools = dict(tools)
         self.workers = workers

@@ -29,6 +29,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import Interface, implementer
 
+from twistnet._connections import reactor_or_global
 from twistnet.http._logging import observer as log_observer
 from twistnet.http.model import QUEUED, RUNNING, TERMINAL, Job
 
@@ -233,9 +234,7 @@ class SQLiteJobStore(Service):
     log = Logger(observer=log_observer)
 
     def __init__(self, path: str | os.PathLike, reactor=None, cache_size: int = CACHE_SIZE):
-        if reactor is None:
-            from twisted.internet import reactor
-        self._reactor = reactor
+        self._reactor = reactor_or_global(reactor)
         self.path = Path(path)
         self.output_dir = self.path.with_name(self.path.name + ".output")
         try:

@@ -17,6 +17,7 @@ import os
 from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
 from twisted.logger import Logger
 
+from twistnet._connections import reactor_or_global
 from twistnet.log.formats import make_format
 from twistnet.log.logfile import LogFile, Unwritten, Writer, describe_error
 from twistnet.log.retry import RETRY_SECONDS, WriteRetry
@@ -45,9 +46,7 @@ class LogSink:
         clock: IReactorTime | None = None,
         writer: Writer = os.write,
     ) -> None:
-        if clock is None:
-            from twisted.internet import reactor as clock
-        self.clock: IReactorTime = clock  # type: ignore[assignment]
+        self.clock: IReactorTime = reactor_or_global(clock)
         self.format = make_format(format, self.clock)
         self.file = LogFile(
             path,
