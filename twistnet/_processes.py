@@ -338,6 +338,9 @@ def inherited_addresses() -> list[Address] | None:
     if value is None:
         return None
     _die_with_parent(int(os.environ.pop(PARENT_VARIABLE, "0")))
+    # The parent forwards SIGHUP; no service that runs under it acts on one, and its default
+    # action would kill the child and cut every client.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     return [Address.decode(text) for text in value.split(";") if text]
 
 

@@ -316,8 +316,8 @@ class PostgresJobStore(Service):
             raise StoreError(
                 f"cannot open the job database {self.display}: {_first_line(error)}"
             ) from None
-        self._writer = Lane(url, reactor, "twistnet-http-pg-writer", transactional=True)
-        self._reader = Lane(url, reactor, "twistnet-http-pg-reader", transactional=False)
+        self._writer = Lane(url, self._reactor, "twistnet-http-pg-writer", transactional=True)
+        self._reader = Lane(url, self._reactor, "twistnet-http-pg-reader", transactional=False)
 
     @property
     def commits(self) -> int:
