@@ -327,12 +327,13 @@ def http_call(port: int, method: str, path: str, body=None, pids=None):
     """One request on a fresh connection: status, JSON body, and the pid that answered."""
     connection = http.client.HTTPConnection("127.0.0.1", port, timeout=20)
     try:
-        connection.connect()
-        owner = serving_pid(connection.sock, port, pids) if pids else None
         payload = json.dumps(body).encode() if body is not None else None
         connection.request(method, path, payload, {"content-type": "application/json"})
         response = connection.getresponse()
-        return response.status, json.loads(response.read() or b"{}"), owner
+        answer = json.loads(response.read() or b"{}")
+        # Asked once answered: a connection still in the accept queue has no owner yet.
+        owner = serving_pid(connection.sock, port, pids) if pids else None
+        return response.status, answer, owner
     finally:
         connection.close()
 
