@@ -140,7 +140,6 @@ def test_unknown_jobs_routes_and_methods(api):
         "/jobs/x/y/z",
         "/tools/",
         "/nope",
-        "/",
     ):
         code, _, body = api.json("GET", path)
         assert code == 404 and body["error"] in ("unknown job", "not found"), path

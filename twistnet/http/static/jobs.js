@@ -168,17 +168,17 @@
     const hints = [];
     if (schema.description) hints.push(schema.description);
     if (schema.type === "integer") {
-      if (schema.minimum !== undefined && schema.maximum !== undefined) hints.push(`an integer from ${schema.minimum} to ${schema.maximum}`);
-      else if (schema.minimum !== undefined) hints.push(`an integer of at least ${schema.minimum}`);
-      else hints.push("an integer");
+      if (schema.minimum !== undefined && schema.maximum !== undefined) hints.push(`An integer from ${schema.minimum} to ${schema.maximum}.`);
+      else if (schema.minimum !== undefined) hints.push(`An integer of at least ${schema.minimum}.`);
+      else hints.push("An integer.");
     }
-    if (schema.pattern) hints.push(`matching ${schema.pattern}`);
-    if (schema.not && schema.not.pattern === "^-") hints.push("not starting with -");
+    if (schema.pattern) hints.push(`Matching ${schema.pattern}.`);
+    if (schema.not && schema.not.pattern === "^-") hints.push("Must not start with -.");
     if (hints.length) {
       const hint = document.createElement("p");
       hint.className = "hint";
       hint.id = id + "-hint";
-      hint.textContent = hints.join("; ");
+      hint.textContent = hints.join(" ");
       input.setAttribute("aria-describedby", hint.id);
       wrapper.append(hint);
     }
