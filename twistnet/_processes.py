@@ -257,7 +257,11 @@ class Supervisor(Service):
         self._restarts[index] = self.clock.callLater(delay, self.spawn, index)
 
     def _forward_hup(self, signum, frame) -> None:
-        self.reactor.callFromThread(self.signal_children, signal.SIGHUP)
+        self.reactor.callFromThread(self._hup)
+
+    def _hup(self) -> None:
+        self.signal_children(signal.SIGHUP)
+        log.info("forwarded SIGHUP to {count} children", count=len(self.children))
 
     def signal_children(self, signum: int) -> None:
         for _, transport in list(self.children.values()):

@@ -26,7 +26,7 @@ from twisted.logger import Logger
 from twisted.web import resource, server
 
 from twistnet._connections import reactor_or_global
-from twistnet.http import openapi, parse
+from twistnet.http import openapi, page, parse
 from twistnet.http._logging import observer as log_observer
 from twistnet.http.errors import ApiError, encode, error_body, phrase
 from twistnet.http.metrics import Metrics
@@ -348,6 +348,16 @@ class JobApi(resource.Resource):
             self._send(request, "/jobs/{id}/log", data, b"text/plain; charset=utf-8")
 
         return defer.Deferred.fromCoroutine(respond())
+
+    # --- the page (served, not described) ------------------------------------------------
+
+    @route("/", "GET", in_openapi=False)
+    def index(self, request: server.Request):
+        return page.serve(request)
+
+    @route("/static/{name}", "GET", in_openapi=False)
+    def page_file(self, request: server.Request, name: str):
+        return page.serve(request, name)
 
     # --- the rest -------------------------------------------------------------------------
 
