@@ -19,9 +19,13 @@ SERVER_NAME = b"twistnet"
 _MISSING_PHRASES = {429: b"Too Many Requests"}
 
 
+#: Read once: twisted.web.http is a deprecation proxy whose every attribute access costs.
+_PHRASES = {**http.RESPONSES, **_MISSING_PHRASES}
+
+
 def phrase(status: int) -> bytes:
     """The reason phrase for C{status}."""
-    return _MISSING_PHRASES.get(status) or http.RESPONSES.get(status, b"Error")
+    return _PHRASES.get(status, b"Error")
 
 
 class ApiError(Exception):

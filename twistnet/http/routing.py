@@ -72,11 +72,13 @@ class RouteTable:
     def match(self, segments: list[bytes]) -> tuple[str | None, list[str]]:
         """The template a request path's segments match and its placeholders' values."""
         for template, pattern in self._by_length.get(len(segments), {}).items():
-            pairs = list(zip(pattern, segments, strict=True))
-            if all(part is None or part == segment for part, segment in pairs):
-                arguments = [
-                    segment.decode("utf-8", "replace") for part, segment in pairs if part is None
-                ]
+            arguments = []
+            for part, segment in zip(pattern, segments, strict=True):
+                if part is None:
+                    arguments.append(segment.decode("utf-8", "replace"))
+                elif part != segment:
+                    break
+            else:
                 return template, arguments
         return None, []
 
