@@ -186,7 +186,6 @@ def test_daemon_mode_one_pidfile_the_parents(tmp_path):
         ("twistnet-log", [], "run one process per file"),
         ("twistnet-echo", ["--udp-port", "0"], "UDP echo is not shared between processes"),
         ("twistnet-echo", ["--listen", "unix:/tmp/x.sock"], "shares plain TCP listeners only"),
-        ("twistnet-echo", ["--metrics", "tcp:0:interface=127.0.0.1"], "with --metrics"),
         ("twistnet-echo", ["--processes", "0"], "expected 1 or more processes"),
     ],
 )
@@ -372,3 +371,40 @@ def test_http_on_two_processes_is_one_job_service_on_one_database(twistd, postgr
         answered_by.add(owner)
     assert answered_by == set(pids.values()), "every child answers GETs of any job"
     assert server.terminate() == 0
+
+
+def test_each_child_serves_its_own_metrics_on_the_next_port():
+    """--metrics tcp:P under --processes 2: child 1 on P, child 2 on P + 1."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from helpers import TwistdProcess
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        metrics_port = probe.getsockname()[1]
+    server = TwistdProcess(
+        "twistnet-echo",
+        *("--listen", LOCAL, "--processes", "2"),
+        *("--metrics", f"tcp:{metrics_port}:interface=127.0.0.1"),
+    )
+    try:
+        port = server.port()
+        pids = child_pids(server, 2)
+        for index, expected in ((1, metrics_port), (2, metrics_port + 1)):
+            server.wait_for_line(rf"\[child {index}\] .*serving metrics on 127\.0\.0\.1:{expected}")
+        clients, _ = clients_on_every_child(port, pids)
+        for sock in clients:
+            assert echo_once(sock) == b"ping"
+        accepted = 0
+        for each in (metrics_port, metrics_port + 1):
+            text = urllib.request.urlopen(f"http://127.0.0.1:{each}/metrics", timeout=10).read()
+            for family in text_string_to_metric_families(text.decode()):
+                if family.name == "twistnet_connections_accepted":
+                    accepted += sum(sample.value for sample in family.samples)
+        assert accepted == len(clients)
+        for sock in clients:
+            sock.close()
+    finally:
+        assert server.terminate() == 0

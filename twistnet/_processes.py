@@ -45,6 +45,8 @@ log = Logger()
 #: of the endpoint descriptions, and the parent's pid.
 ADDRESSES_VARIABLE = "TWISTNET_LISTEN"
 PARENT_VARIABLE = "TWISTNET_PARENT_PID"
+#: Which child this is (1 to N), for what each child must hold alone (its --metrics port).
+INDEX_VARIABLE = "TWISTNET_CHILD"
 #: A child that lived this long before dying restarts at once; quicker deaths back off.
 HEALTHY_SECONDS = 10.0
 #: The longest wait before restarting a child that keeps dying at start.
@@ -87,11 +89,6 @@ def refuse_processes(options: usage.Options, why: str | None) -> None:
         return
     if why is not None:
         raise usage.UsageError(f"--processes {options['processes']}: {why}")
-    if options.get("metrics"):
-        raise usage.UsageError(
-            f"--processes {options['processes']} with --metrics: each process has its own "
-            "figures and they are not gathered yet; run --metrics with one process."
-        )
     for description in options.endpoint_descriptions():
         kind = parse_description(description)[0][0]
         if kind not in ("tcp", "tcp6"):
@@ -226,6 +223,7 @@ class Supervisor(Service):
         env = dict(os.environ)
         env[ADDRESSES_VARIABLE] = ";".join(address.encode() for address in self.addresses)
         env[PARENT_VARIABLE] = str(os.getpid())
+        env[INDEX_VARIABLE] = str(index)
         transport = self.reactor.spawnProcess(
             child, self.argv[0], self.argv, env=env, childFDs={0: "w", 1: "r", 2: "r"}
         )
@@ -331,6 +329,22 @@ def child_log_observer():
 
 
 # --- a child -----------------------------------------------------------------------------------
+
+
+def own_endpoint(description: str) -> str:
+    """
+    C{description} for this process alone: in child I{i} of --processes, a TCP port P
+    becomes P + i - 1 (port 0 stays 0), so each child serves its own --metrics; elsewhere
+    unchanged.
+    """
+    index = int(os.environ.get(INDEX_VARIABLE, "0"))
+    if index <= 1:
+        return description
+    args, kwargs = parse_description(description)
+    if args[0] not in ("tcp", "tcp6") or int(args[1]) == 0:
+        return description
+    escaped = [f"{key}={value.replace(':', chr(92) + ':')}" for key, value in kwargs.items()]
+    return ":".join([args[0], str(int(args[1]) + index - 1), *escaped])
 
 
 def inherited_addresses() -> list[Address] | None:

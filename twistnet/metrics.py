@@ -20,6 +20,7 @@ from twisted.application.service import MultiService
 from twisted.logger import Logger
 from twisted.web import resource, server
 
+from twistnet import _processes
 from twistnet._connections import ManagedFactory
 from twistnet._tap import check_endpoint, listening_services
 
@@ -177,6 +178,7 @@ def add_metrics_service(
     """
     if description is None:
         return
+    description = _processes.own_endpoint(description)
     if description.startswith("tcp:") and "interface=" not in description:
         log.warn(
             "{service}: --metrics {description} listens on all interfaces: anyone who can "
