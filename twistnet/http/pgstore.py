@@ -41,6 +41,7 @@ from twistnet.http.store import (
     JOB_COLUMNS,
     MAX_BATCH,
     IJobStore,
+    Operation,
     StoreError,
     StoreUnavailable,
     listing,
@@ -88,16 +89,6 @@ _row = pgschema.pg_row
 _job = pgschema.pg_job
 
 
-class _Operation:
-    __slots__ = ("deferred", "function", "result", "succeeded")
-
-    def __init__(self, function: Callable[[psycopg.Connection], Any]) -> None:
-        self.function = function
-        self.deferred: defer.Deferred[Any] = defer.Deferred()
-        self.result: Any = None
-        self.succeeded = False
-
-
 _STOP = object()
 
 
@@ -138,7 +129,7 @@ class Lane:
     def submit(self, function: Callable[[psycopg.Connection], Any]) -> defer.Deferred[Any]:
         if not self._thread.is_alive() or self._closing:
             return defer.fail(StoreError("the job store is not running"))
-        op = _Operation(function)
+        op = Operation(function)
         self._queue.put(op)
         return op.deferred
 
@@ -182,7 +173,7 @@ class Lane:
                 self._reactor.callFromThread(self._finished_stopping)
                 return
 
-    def _run_batch(self, operations: list[_Operation]) -> None:
+    def _run_batch(self, operations: list[Operation]) -> None:
         try:
             db = self._connection()
             if self._transactional:
@@ -211,7 +202,7 @@ class Lane:
         self._reactor.callFromThread(self._deliver, operations)
 
     @staticmethod
-    def _run(db: psycopg.Connection, op: _Operation, savepoint: bool) -> None:
+    def _run(db: psycopg.Connection, op: Operation, savepoint: bool) -> None:
         try:
             if savepoint:
                 with db.transaction():
@@ -225,12 +216,9 @@ class Lane:
             op.result = Failure()
 
     @staticmethod
-    def _deliver(operations: list[_Operation]) -> None:
+    def _deliver(operations: list[Operation]) -> None:
         for op in operations:
-            if op.succeeded:
-                op.deferred.callback(op.result)
-            else:
-                op.deferred.errback(op.result)
+            op.settle()
 
     def _finished_stopping(self) -> None:
         stopped, self._stopped = self._stopped, None

@@ -208,15 +208,28 @@ _row = job_row
 _job = job_from_row
 
 
-class _Operation:
+class Operation:
+    """
+    One call to run on a store's thread with its connection, and the Deferred that hears
+    how it went, back in the reactor thread (L{settle}). Shared by the SQLite and the
+    PostgreSQL stores.
+    """
+
     __slots__ = ("deferred", "function", "result", "succeeded", "write")
 
-    def __init__(self, function: Callable[[sqlite3.Connection], Any], write: bool) -> None:
+    def __init__(self, function: Callable[[Any], Any], write: bool = False) -> None:
         self.function = function
         self.write = write
         self.deferred: defer.Deferred[Any] = defer.Deferred()
         self.result: Any = None
         self.succeeded = False
+
+    def settle(self) -> None:
+        """Fire the Deferred with the result or the failure (in the reactor thread)."""
+        if self.succeeded:
+            self.deferred.callback(self.result)
+        else:
+            self.deferred.errback(self.result)
 
 
 _STOP = object()
@@ -294,7 +307,7 @@ class SQLiteJobStore(Service):
                 self._reactor.callFromThread(self._finished_stopping)
                 return
 
-    def _run_batch(self, operations: list[_Operation]) -> None:
+    def _run_batch(self, operations: list[Operation]) -> None:
         writes = any(op.write for op in operations)
         if writes:
             self._db.execute("BEGIN IMMEDIATE")
@@ -319,15 +332,12 @@ class SQLiteJobStore(Service):
         if operations:
             self._reactor.callFromThread(self._deliver, operations, writes)
 
-    def _deliver(self, operations: list[_Operation], committed: bool) -> None:
+    def _deliver(self, operations: list[Operation], committed: bool) -> None:
         if committed:
             self.commits += 1
             self.committed_operations += sum(op.write for op in operations)
         for op in operations:
-            if op.succeeded:
-                op.deferred.callback(op.result)
-            else:
-                op.deferred.errback(op.result)
+            op.settle()
 
     def _finished_stopping(self) -> None:
         stopped, self._stopped = self._stopped, None
@@ -337,7 +347,7 @@ class SQLiteJobStore(Service):
     def _submit(self, function: Callable[[sqlite3.Connection], Any], write: bool = False):
         if self._thread is None or not self._thread.is_alive() or self._closing:
             return defer.fail(StoreError("the job store is not running"))
-        op = _Operation(function, write)
+        op = Operation(function, write)
         self._queue.put(op)
         return op.deferred
 
