@@ -220,3 +220,17 @@ def test_the_websocket_upgrade_of_an_http_channel_is_still_there():
     # twistnet.chat.web hands an HTTP channel to its WebSocket protocol through it.
     assert callable(http.HTTPChannel._protocolUpgradeForWebsockets)
     assert callable(http.HTTPChannel.setTimeout)
+
+
+def test_tls_context_factory_reads_the_key_and_certificate_of_an_ssl_description(tmp_path):
+    import pytest
+    from OpenSSL import SSL
+
+    from helpers import make_certificate
+    from twistnet._internals import tls_context_factory
+
+    key, cert = make_certificate(tmp_path)
+    factory = tls_context_factory(f"ssl:0:interface=127.0.0.1:privateKey={key}:certKey={cert}")
+    assert isinstance(factory.getContext(), SSL.Context)
+    with pytest.raises(OSError):
+        tls_context_factory(f"ssl:0:privateKey={tmp_path / 'missing.pem'}")

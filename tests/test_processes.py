@@ -19,7 +19,16 @@ import pytest
 from redis_support import redis_server_fixture  # noqa: F401  (the redis_server fixture)
 
 from chat_helpers import ChatClient
-from helpers import TWISTD, connect, recv_exactly, recv_until_closed, run_twistd, wait_until
+from helpers import (
+    TWISTD,
+    connect,
+    make_certificate,
+    recv_exactly,
+    recv_until_closed,
+    run_twistd,
+    tls_client,
+    wait_until,
+)
 
 pytest_plugins = ["pg_support"]
 
@@ -76,8 +85,8 @@ def echo_once(sock: socket.socket, data: bytes = b"ping") -> bytes:
     return recv_exactly(sock, len(data))
 
 
-def start(twistd, count: int = 2, *extra: str):
-    server = twistd("twistnet-echo", "--listen", LOCAL, "--processes", str(count), *extra)
+def start(twistd, count: int = 2, *extra: str, listen: str = LOCAL):
+    server = twistd("twistnet-echo", "--listen", listen, "--processes", str(count), *extra)
     server.tcp_port = server.port()
     server.pids = child_pids(server, count)
     for index in range(1, count + 1):
@@ -104,6 +113,35 @@ def test_two_children_share_one_port_and_both_serve(twistd):
     assert server.terminate() == 0
     for pid in server.pids.values():
         wait_until(lambda pid=pid: not alive(pid))
+
+
+def test_tls_on_two_processes_both_children_serve(twistd, tmp_path):
+    key, cert = make_certificate(tmp_path)
+    server = start(twistd, listen=f"ssl:0:interface=127.0.0.1:privateKey={key}:certKey={cert}")
+    server.wait_for_line(r"\[child 2\] .*twistnet-echo serving 127\.0\.0\.1:\d+ \(shared, ssl\)")
+    clients = [tls_client(server.tcp_port, cert) for _ in range(30)]
+    try:
+        for sock in clients:
+            assert echo_once(sock) == b"ping"
+            assert sock.version() is not None  # a TLS session, not plain TCP
+        owners = [serving_pid(sock, server.tcp_port, server.pids.values()) for sock in clients]
+        assert None not in owners
+        assert set(owners) == set(server.pids.values())
+    finally:
+        for sock in clients:
+            sock.close()
+    assert server.terminate() == 0
+
+
+def test_tls_with_an_unreadable_key_is_refused_once_by_the_parent(tmp_path):
+    _, cert = make_certificate(tmp_path)
+    missing = tmp_path / "missing-key.pem"
+    listen = f"ssl:0:interface=127.0.0.1:privateKey={missing}:certKey={cert}"
+    result = run_twistd("twistnet-echo", "--listen", listen, "--processes", "2")
+    output = result.stdout + result.stderr
+    assert result.returncode == 1
+    assert f"No such file or directory: '{missing}'" in output
+    assert "started child" not in output and "Traceback" not in output
 
 
 def test_a_killed_child_is_replaced_and_the_other_childs_clients_never_notice(twistd):
@@ -185,7 +223,7 @@ def test_daemon_mode_one_pidfile_the_parents(tmp_path):
         ("twistnet-http", [], "use a PostgreSQL --db or run one process"),
         ("twistnet-log", [], "run one process per file"),
         ("twistnet-echo", ["--udp-port", "0"], "UDP echo is not shared between processes"),
-        ("twistnet-echo", ["--listen", "unix:/tmp/x.sock"], "shares plain TCP listeners only"),
+        ("twistnet-echo", ["--listen", "unix:/tmp/x.sock"], "shares TCP and TLS listeners only"),
         ("twistnet-echo", ["--processes", "0"], "expected 1 or more processes"),
     ],
 )

@@ -196,3 +196,18 @@ def upgrade_channel(channel: http.HTTPChannel, wire) -> None:
     """
     channel.setTimeout(None)
     channel._protocolUpgradeForWebsockets(wire)
+
+
+# --- TLS listeners of --processes children ------------------------------------------------------
+
+
+def tls_context_factory(description: str):
+    """
+    The TLS context factory an C{ssl:} server description asks for (its key and certificate
+    read now), as C{SSL4ServerEndpoint} would use it: a child of --processes listens on its
+    own C{SO_REUSEPORT} socket, so it wraps the service in TLS itself, and Twisted's parser of
+    C{ssl:} arguments (C{privateKey}, C{certKey}, C{extraCertChain}, C{dhParameters},
+    C{sslmethod}) is private.
+    """
+    args, kwargs = endpoints._parse(description)
+    return endpoints._parseSSL(None, *args[1:], **kwargs)[0][2]

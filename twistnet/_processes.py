@@ -34,10 +34,11 @@ from twisted.internet import defer, protocol
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import FileLogObserver, Logger, formatEvent
+from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python import usage
 
 from twistnet._connections import reactor_or_global
-from twistnet._internals import parse_description
+from twistnet._internals import parse_description, tls_context_factory
 
 log = Logger()
 
@@ -54,6 +55,8 @@ MAX_BACKOFF_SECONDS = 30.0
 #: How long the parent waits for children to drain on SIGTERM before it kills them.
 STOP_GRACE_SECONDS = 30.0
 _PR_SET_PDEATHSIG = 1
+#: The endpoint kinds children can share: a TCP port, bare or under TLS (C{ssl:}).
+SHARED_KINDS = ("tcp", "tcp6", "ssl")
 
 
 def process_count(value: str) -> int:
@@ -84,17 +87,21 @@ def processes_option() -> list:
 
 
 def refuse_processes(options: usage.Options, why: str | None) -> None:
-    """Refuse --processes above 1 for a service that cannot run so (C{why}), or over non-TCP."""
+    """
+    Refuse --processes above 1 for a service that cannot run so (C{why}), or over a listener
+    children cannot share: TCP and TLS are shared (each child wraps its own listener in TLS);
+    a UNIX socket or a systemd-activated one is not.
+    """
     if options["processes"] == 1:
         return
     if why is not None:
         raise usage.UsageError(f"--processes {options['processes']}: {why}")
     for description in options.endpoint_descriptions():
         kind = parse_description(description)[0][0]
-        if kind not in ("tcp", "tcp6"):
+        if kind not in SHARED_KINDS:
             raise usage.UsageError(
-                f"--processes {options['processes']} shares plain TCP listeners only, not "
-                f"{description!r}: run one process per TLS, UNIX or systemd listener instead."
+                f"--processes {options['processes']} shares TCP and TLS listeners only, not "
+                f"{description!r}: run one process per UNIX or systemd listener instead."
             )
 
 
@@ -372,12 +379,19 @@ def _die_with_parent(parent: int) -> None:
 
 
 class SharedPort(Service):
-    """Serves C{factory} on this child's own listener at the address the parent holds."""
+    """
+    Serves C{factory} on this child's own listener at the address the parent holds for
+    C{description}; under TLS for an C{ssl:} description, wrapped as C{SSL4ServerEndpoint}
+    wraps it, with the key and certificate the description names.
+    """
 
-    def __init__(self, name: str, address: Address, factory, reactor=None) -> None:
+    def __init__(self, name: str, address: Address, description: str, factory, reactor=None):
         reactor = reactor_or_global(reactor)
         self.name = name
         self.address = address
+        self.kind = parse_description(description)[0][0]
+        if self.kind == "ssl":
+            factory = TLSMemoryBIOFactory(tls_context_factory(description), False, factory)
         self.factory = factory
         self.reactor = reactor
         self.port = None
@@ -397,8 +411,9 @@ class SharedPort(Service):
             self.port = self.reactor.adoptStreamPort(sock.fileno(), address.family, self.factory)
         host = self.port.getHost()
         log.info(
-            "{service} serving {host}:{port} (shared)",
+            "{service} serving {host}:{port} (shared, {kind})",
             service=self.name,
+            kind=self.kind,
             host=host.host,
             port=host.port,
         )

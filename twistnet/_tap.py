@@ -371,8 +371,9 @@ def listening_services(
     shared = _processes.inherited_addresses()
     if shared is not None:
         # A child of --processes: the parent holds these addresses, in the same order.
-        for address in shared:
-            _processes.SharedPort(name, address, factory, reactor).setServiceParent(parent)
+        for address, description in zip(shared, descriptions, strict=True):
+            shared_port = _processes.SharedPort(name, address, description, factory, reactor)
+            shared_port.setServiceParent(parent)
         return parent
     for description in descriptions:
         listener = strports.service(description, factory, reactor=reactor)
