@@ -378,8 +378,11 @@ def test_page_files_have_strict_headers(chat):
 def test_origin_policy_and_option_parsing():
     policy = OriginPolicy.from_options(["HTTPS://Chat.Example.org/"])
     assert policy.origins == frozenset({"https://chat.example.org"})
-    assert policy.host_allowed("[::1]:80", "::1")
-    assert not policy.host_allowed("10.0.0.2", "10.0.0.1")
+    assert policy.host_allowed("[::1]:80")
+    assert policy.host_allowed("chat.example.org:443")
+    # Any IP address, not only the one reached: a browser sent it as such, nothing rebound.
+    assert policy.host_allowed("10.0.0.2")
+    assert not policy.host_allowed("evil.example")
     with pytest.raises(ValueError):
         normal_origin("chat.example.org")
     options = tap.Options()

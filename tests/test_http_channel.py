@@ -21,8 +21,8 @@ from twistnet.http.channel import (
     JobSite,
 )
 
-GET = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"
-SLOW = b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n"
+GET = b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n"
+SLOW = b"GET /slow HTTP/1.1\r\nHost: localhost\r\n\r\n"
 
 
 class Answers(resource.Resource):
@@ -102,7 +102,7 @@ def test_three_hundred_trickled_headers_hold_no_request_slot():
     site, reactor = make_site()
     for port in range(300):
         proto, _ = connect(site, 43000 + port)
-        proto.dataReceived(b"GET / HTTP/1.1\r\nHost: x\r\nX-Slow: a")
+        proto.dataReceived(b"GET / HTTP/1.1\r\nHost: localhost\r\nX-Slow: a")
     reactor.advance(DEFAULT_REQUEST_TIMEOUT / 2)
     honest, transport = connect(site, 44000)
     honest.dataReceived(GET)
@@ -112,7 +112,7 @@ def test_three_hundred_trickled_headers_hold_no_request_slot():
 def test_a_trickled_request_is_a_json_408_after_the_request_timeout():
     site, reactor = make_site()
     proto, transport = connect(site)
-    proto.dataReceived(b"GET / HTTP/1.1\r\nHost: x\r\n")
+    proto.dataReceived(b"GET / HTTP/1.1\r\nHost: localhost\r\n")
     for _ in range(int(DEFAULT_REQUEST_TIMEOUT) - 1):
         reactor.advance(1)
         proto.dataReceived(b"X")  # a byte now and then does not extend the deadline
@@ -126,10 +126,10 @@ def test_a_trickled_request_is_a_json_408_after_the_request_timeout():
 def test_bodies_over_max_body_are_413_declared_asked_or_chunked():
     too_big = DEFAULT_MAX_BODY + 1
     requests = [
-        b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % too_big,
-        b"POST / HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: %d\r\n\r\n"
+        b"POST / HTTP/1.1\r\nHost: localhost\r\nContent-Length: %d\r\n\r\n" % too_big,
+        b"POST / HTTP/1.1\r\nHost: localhost\r\nExpect: 100-continue\r\nContent-Length: %d\r\n\r\n"
         % too_big,
-        b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"POST / HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\n\r\n"
         + (b"10000\r\n" + b" " * 0x10000 + b"\r\n") * 17,
     ]
     for request in requests:
@@ -147,7 +147,7 @@ def test_a_body_at_max_body_is_taken():
     site, _ = make_site()
     proto, transport = connect(site)
     proto.dataReceived(
-        b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % DEFAULT_MAX_BODY
+        b"POST / HTTP/1.1\r\nHost: localhost\r\nContent-Length: %d\r\n\r\n" % DEFAULT_MAX_BODY
         + b"x" * DEFAULT_MAX_BODY
     )
     assert status_and_body(transport) == (200, b"got %d" % DEFAULT_MAX_BODY)

@@ -206,12 +206,12 @@ def test_path_traversal_and_nul_in_job_ids_are_a_clean_404(live, path):
         status, headers, content = live.request(method, path)
         assert_json_error(status, headers, content, 404, 405)
     # The raw form too: no client library normalising the path on the way.
-    request = f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode()
+    request = f"GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n".encode()
     assert_json_error(*parse_raw_response(live.raw(request)), 404, 405)
 
 
 def _request(head: str, *headers: bytes, body: bytes = b"") -> bytes:
-    return head.encode() + b"\r\nHost: x\r\n" + b"".join(headers) + b"\r\n" + body
+    return head.encode() + b"\r\nHost: localhost\r\n" + b"".join(headers) + b"\r\n" + body
 
 
 RAW = {
@@ -321,8 +321,8 @@ def test_slowloris_headers_and_bodies_are_cut_off_while_honest_latency_stays_nor
     before = latencies(server, 30)
     results: dict[str, list] = {}
     attacks = {
-        "headers": b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Slow: ",
-        "body": b"POST /jobs HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        "headers": b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nX-Slow: ",
+        "body": b"POST /jobs HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
         b"Content-Length: 1000\r\n\r\n",
     }
     threads = [
@@ -374,7 +374,7 @@ def test_slowloris_with_the_defaults_locks_nobody_out(tmp_path):
     started = time.monotonic()
     socks = [connect(server.port) for _ in range(300)]
     for sock in socks:
-        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nX-Slow: ")
     during = []
     try:
         while time.monotonic() - started < 3:  # bounded: three seconds of attack
@@ -405,7 +405,8 @@ def vanish(sock: socket.socket) -> None:
 
 def stream_request(job_id: str) -> bytes:
     return (
-        f"GET /jobs/{job_id}/log HTTP/1.1\r\nHost: x\r\nAccept: text/event-stream\r\n\r\n".encode()
+        f"GET /jobs/{job_id}/log HTTP/1.1\r\nHost: localhost\r\n"
+        "Accept: text/event-stream\r\n\r\n".encode()
     )
 
 
@@ -418,7 +419,7 @@ def test_clients_vanishing_mid_response_and_mid_stream_leave_nothing_behind(tmp_
     for index in range(100):
         path = f"/jobs/{large}" if index % 2 else f"/jobs/{large}/log"
         sock = connect(server.port)
-        sock.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        sock.sendall(f"GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n".encode())
         assert recv_until(sock, lambda data: len(data) >= 100)
         (vanish if index % 3 else socket.socket.close)(sock)
     # Mid-stream: 30 live event streams of a running job, abandoned three ways.
@@ -523,7 +524,7 @@ def test_a_connection_flood_holds_the_cap_and_memory_then_serves(tmp_path, flood
 
         def honest_served() -> bool:
             status, headers, _ = parse_raw_response(
-                server.raw(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                server.raw(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
             )
             answers.append((status, headers.get("retry-after")))
             return status == 200

@@ -155,6 +155,14 @@ class ServiceOptions(usage.Options):
         self.argv = list(sys.argv[1:] if options is None else options)
         super().parseOptions(options)
 
+    def append_coerced(self, option: str, coerce: Callable[[str], object], value: str) -> None:
+        """Add C{value}, coerced, to the list of a repeatable C{option}; a ValueError is a
+        usage error naming the option."""
+        try:
+            self[option].append(coerce(value))
+        except ValueError as error:
+            raise usage.UsageError(f"--{option}: {error}") from None
+
     def opt_listen(self, description: str) -> None:
         self["listen"].append(check_endpoint(description))
 

@@ -152,10 +152,7 @@ class Options(ServiceOptions):
     )
 
     def opt_web_origin(self, origin: str) -> None:
-        try:
-            self["web-origin"].append(normal_origin(origin))
-        except ValueError as error:
-            raise usage.UsageError(f"--web-origin: {error}") from None
+        self.append_coerced("web-origin", normal_origin, origin)
 
     opt_web_origin.__doc__ = (
         "Also accept pages and WebSockets from this origin (https://chat.example.org), as "

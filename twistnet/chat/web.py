@@ -31,7 +31,7 @@ import json
 import secrets
 from urllib.parse import urlsplit
 
-from attrs import frozen
+from attrs import field, frozen
 from twisted.internet import protocol
 from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.internet.interfaces import IReactorTime
@@ -51,6 +51,7 @@ from wsproto.handshake import H11Handshake
 from wsproto.utilities import LocalProtocolError, RemoteProtocolError
 
 from twistnet._connections import Refused, peer_name
+from twistnet._hosts import HostAllowList
 from twistnet._internals import pending_output_probe, upgrade_channel
 from twistnet._pages import package_files, set_strict_headers
 from twistnet.chat.protocol import ChatFactory
@@ -80,24 +81,25 @@ PAGE_FILES = ("index.html", "chat.js", "chat.css", "favicon.svg")
 class OriginPolicy:
     """
     Which C{Host} and C{Origin} a request may carry. C{Host} must name this server: an IP
-    address it was reached on, C{localhost}, or the host of an allowed origin (a rebinding
-    attacker's domain names none of them). C{Origin}, when a browser sends one, must be the
-    page's own (the scheme and C{Host} of the request) or one of C{origins} (C{--web-origin}).
+    address, C{localhost}, or the host of an allowed origin (a rebinding attacker's domain
+    names none of them; see L{twistnet._hosts}). C{Origin}, when a browser sends one, must be
+    the page's own (the scheme and C{Host} of the request) or one of C{origins}
+    (C{--web-origin}).
     """
 
     origins: frozenset[str] = frozenset()
+    hosts: HostAllowList = field(init=False)
+
+    @hosts.default
+    def _hosts_of_origins(self) -> HostAllowList:
+        return HostAllowList(urlsplit(origin).hostname or "" for origin in self.origins)
 
     @classmethod
     def from_options(cls, origins: list[str]) -> OriginPolicy:
         return cls(frozenset(normal_origin(origin) for origin in origins))
 
-    def host_allowed(self, host: str, local_address: str) -> bool:
-        hostname = _hostname(host)
-        if hostname is None:
-            return False
-        if hostname in ("localhost", local_address.lower()):
-            return True
-        return any(_hostname(urlsplit(origin).netloc) == hostname for origin in self.origins)
+    def host_allowed(self, host: bytes | str | None) -> bool:
+        return self.hosts.allows(host)
 
     def origin_allowed(self, origin: str | None, own: str) -> bool:
         if origin is None:
@@ -112,13 +114,6 @@ def normal_origin(origin: str) -> str:
     if parts.scheme not in ("http", "https") or not parts.netloc or parts.path not in ("", "/"):
         raise ValueError(f"{origin!r} is not an origin such as https://chat.example.org")
     return f"{parts.scheme}://{parts.netloc}"
-
-
-def _hostname(host: str) -> str | None:
-    try:
-        return urlsplit(f"//{host}").hostname
-    except ValueError:
-        return None
 
 
 class SessionBook:
@@ -535,8 +530,7 @@ class ChatSite(resource.Resource):
         self.websocket = ChatWebSocket(factory, policy, book)
 
     def getChildWithDefault(self, path: bytes, request: server.Request):
-        host = (request.getHeader(b"host") or b"").decode("latin-1")
-        if not self.policy.host_allowed(host, request.getHost().host):
+        if not self.policy.host_allowed(request.getHeader(b"host")):
             return _Answer(421, "This server does not answer for that host name.")
         if path == WEBSOCKET_PATH and not request.postpath:
             return self.websocket

@@ -26,9 +26,11 @@ from twisted.logger import Logger
 from twisted.web import resource, server
 
 from twistnet._connections import reactor_or_global
+from twistnet._hosts import HostAllowList
 from twistnet.http import openapi, page, parse
 from twistnet.http._logging import observer as log_observer
 from twistnet.http.errors import ApiError, encode, error_body, phrase
+from twistnet.http.hosts import check_host
 from twistnet.http.metrics import Metrics
 from twistnet.http.model import STATUSES, Job, Tool
 from twistnet.http.routing import RouteTable, route
@@ -65,6 +67,7 @@ class JobApi(resource.Resource):
         tools: dict[str, Tool],
         token: bytes | None = None,
         clock=None,
+        hosts: HostAllowList | None = None,
     ) -> None:
         super().__init__()
         clock = reactor_or_global(clock)
@@ -72,6 +75,8 @@ class JobApi(resource.Resource):
         self.runner = runner
         self.tools = tools
         self.clock = clock
+        #: The Host allow-list (None: no check, as with a token); see L{hosts.check_host}.
+        self.hosts = hosts
         # Digests: the constant-time comparison then also hides the length of the token.
         self._expected = hashlib.sha256(b"Bearer " + token).digest() if token else None
         self.metrics = Metrics(runner)
@@ -92,6 +97,8 @@ class JobApi(resource.Resource):
         template, args = ROUTES.match(request.postpath)
         handlers = self._handlers.get(template) if template else None
         try:
+            if self.hosts is not None:
+                check_host(request, self.hosts)
             if handlers is None:
                 raise ApiError(404, "not found", "No such route; GET /openapi.json lists them.")
             handler = handlers.get(request.method)

@@ -19,6 +19,7 @@ from twisted.logger import Logger
 from twisted.python import usage
 
 from twistnet._connections import ConnectionCloser
+from twistnet._hosts import HostAllowList, allowed_host
 from twistnet._internals import parse_description
 from twistnet._processes import refuse_processes
 from twistnet._tap import (
@@ -212,6 +213,17 @@ class Options(ServiceOptions):
     def __init__(self) -> None:
         super().__init__()
         self["tool"] = []
+        self["allowed-host"] = []
+
+    def opt_allowed_host(self, value: str) -> None:
+        self.append_coerced("allowed-host", allowed_host, value)
+
+    # One line, as --help shows it.
+    opt_allowed_host.__doc__ = (
+        "A host name browsers use to reach this server: without a token, requests whose Host "
+        "is another name (not an IP address, not localhost) are refused with 400, against DNS "
+        "rebinding; repeatable, ignored with a token."
+    )
 
     def opt_tool(self, value: str) -> None:
         """Declare a tool, NAME=COMMAND TEMPLATE, e.g. 'greet=echo hello {who}'; repeatable."""
@@ -334,7 +346,10 @@ def makeService(options: usage.Options, reactor=None) -> MultiService:
         )
     else:
         runner = LocalRunner(store, tools, options["workers"], options["queue-size"], reactor)
-    api = JobApi(store, runner, tools, token=options["token"], clock=reactor)
+    # Without a token, the Host check keeps a rebinding web page out; with one, such a page
+    # cannot submit or cancel a job.
+    hosts = None if options["token"] else HostAllowList(options["allowed-host"])
+    api = JobApi(store, runner, tools, token=options["token"], clock=reactor, hosts=hosts)
     site = JobSite(
         api,
         max_connections=options["max-connections"],
