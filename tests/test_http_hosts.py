@@ -101,3 +101,20 @@ def test_allowed_host_options_are_parsed_and_checked():
     assert options["allowed-host"] == ["jobs.example", "b.example"]
     with pytest.raises(Exception, match="--allowed-host: expected a host name"):
         tap.Options().parseOptions(["--allowed-host", "jobs.example:8901"])
+
+
+def test_in_memory_a_refusal_is_logged_even_outside_a_job_site():
+    from twisted.logger import capturedLogs
+
+    from http_support import StubApi
+    from twistnet._hosts import HostAllowList
+
+    api = StubApi()  # its requests say Host: jobs.example
+    assert api.call("GET", "/tools")[0] == 200  # no allow-list given: no check
+    api.resource.hosts = HostAllowList()
+    with capturedLogs() as events:
+        status, _, body = api.call("GET", "/tools")
+    assert status == 400 and b"--allowed-host jobs.example" in body
+    assert any("(Host 'jobs.example')" in event.get("peer", "") for event in events)
+    api.resource.hosts = HostAllowList(["jobs.example"])
+    assert api.call("GET", "/tools")[0] == 200
