@@ -94,8 +94,17 @@ def test_install_default_leaves_an_installed_reactor_alone(reactor):
     assert twistnet_reactor.install_default() is False
 
 
+def python(script: str) -> str:
+    """Run C{script} in a fresh interpreter, where no reactor is installed yet: its output."""
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
 def test_where_epoll_is_absent_twisted_default_runs_and_says_so():
-    script = (
+    output = python(
         "import select; del select.epoll\n"
         "from twisted.logger import globalLogPublisher\n"
         "globalLogPublisher.addObserver(lambda e: print(e.get('log_format')))\n"
@@ -104,9 +113,24 @@ def test_where_epoll_is_absent_twisted_default_runs_and_says_so():
         "from twisted.internet import reactor as installed\n"
         "print(type(installed).__name__)\n"
     )
-    result = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60
+    assert twistnet_reactor.NO_EPOLL in output
+    assert output.splitlines()[-1] == "PollReactor"
+
+
+def test_the_plugin_file_and_the_reactor_module_install_no_reactor_when_imported():
+    output = python(
+        "import sys\n"
+        "import twisted.plugins.twistnet_plugins, twistnet.reactor, twistnet._internals\n"
+        "print('twisted.internet.reactor' in sys.modules)\n"
     )
-    assert result.returncode == 0, result.stderr
-    assert twistnet_reactor.NO_EPOLL in result.stdout
-    assert result.stdout.splitlines()[-1] == "PollReactor"
+    assert output.strip() == "False"
+
+
+def test_service_maker_gives_the_services_options_and_keeps_the_installed_reactor(reactor):
+    import twistnet.echo
+
+    maker = twistnet_reactor.ServiceMaker("echo", "twistnet.echo", "echo", "twistnet-echo")
+    assert maker.options is twistnet.echo.Options
+    from twisted.internet import reactor as installed
+
+    assert installed is reactor
