@@ -34,7 +34,8 @@ def pytest_configure(config):
     C{twisted.internet.reactor}, which would install Twisted's default first.
     """
     assert "twisted.internet.reactor" not in sys.modules, "a reactor was installed too early"
-    if SUITE_REACTOR == "twistnet":
+    # pytest-twisted's own --reactor (asyncio, qt5reactor), if given, is left to it.
+    if SUITE_REACTOR == "twistnet" and config.getoption("reactor") == "default":
         from twistnet import reactor
 
         reactor.install()
