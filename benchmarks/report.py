@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 
 #: Appended to a twistnet service's name for the same service from the --baseline checkout.
 BASELINE_SUFFIX = " (baseline)"
+#: Appended to a twistnet service's name for the same service on Twisted's stock reactor.
+STOCK_REACTOR_SUFFIX = " (stock reactor)"
 
 
 @dataclass(frozen=True)

@@ -32,9 +32,11 @@ from benchmarks.processes import (
     twistd_executable,
 )
 from benchmarks.profiling import profile
-from benchmarks.report import BASELINE_SUFFIX, Figure, Section, Target
+from benchmarks.report import BASELINE_SUFFIX, STOCK_REACTOR_SUFFIX, Figure, Section, Target
 
 LOOPBACK_TCP = "tcp:0:interface=127.0.0.1"
+#: twistd's options for Twisted's stock epoll reactor, not twistnet's (the services' default).
+STOCK_REACTOR = ("--reactor", "epoll")
 ROOT = Path(__file__).resolve().parent.parent
 
 #: Bounds for one load generator run beyond its own planned length (slow servers, busy machine).
@@ -117,14 +119,23 @@ class Workload:
 
 
 class TwistdServer(Server):
-    """A twistnet service under twistd; one that has not landed yet is reported as such."""
+    """
+    A twistnet service under twistd (C{twistd_options}, such as C{--reactor}, go before the
+    service); one that has not landed yet is reported as such.
+    """
 
     def __init__(
-        self, service: str, args: tuple[str, ...], workdir: Path, baseline: Path | None = None
+        self,
+        service: str,
+        args: tuple[str, ...],
+        workdir: Path,
+        baseline: Path | None = None,
+        twistd_options: tuple[str, ...] = (),
     ) -> None:
         self.twistd = twistd_executable(service)
         self.service = service
-        argv = [self.twistd, "-n", "--pidfile=", service, "--listen", LOOPBACK_TCP, *args]
+        argv = [self.twistd, *twistd_options, "-n", "--pidfile=", service]
+        argv += ["--listen", LOOPBACK_TCP, *args]
         super().__init__(service, argv, workdir, env=baseline_env(baseline))
 
     def start(self) -> int:
@@ -147,25 +158,44 @@ class TwistdServer(Server):
             raise
 
 
-def twistnet(service: str, *args: str, baseline: Path | None = None) -> Callable[[Path], Server]:
+def twistnet(
+    service: str,
+    *args: str,
+    baseline: Path | None = None,
+    twistd_options: tuple[str, ...] = (),
+) -> Callable[[Path], Server]:
     def make(workdir: Path) -> Server:
-        return TwistdServer(service, args, workdir, baseline)
+        return TwistdServer(service, args, workdir, baseline, twistd_options)
 
     return make
 
 
 def twistnet_contenders(
-    settings: Settings, service: str, make_for: Callable[[Path | None], Callable[[Path], Server]]
+    settings: Settings,
+    service: str,
+    make_for: Callable[[Path | None, tuple[str, ...]], Callable[[Path], Server]],
 ) -> list[Contender]:
     """
-    C{service} from this checkout and, with --baseline, from the older one right after it, so
-    that each round measures the two back to back. C{make_for(None)} makes this checkout's
-    server, C{make_for(path)} the baseline's (whose options may differ).
+    C{service} from this checkout (on the twistnet reactor, its default), with --baseline the
+    older checkout's right after it, so that each round measures the two back to back, then
+    this checkout's on Twisted's stock reactor (C{--reactor epoll}). C{make_for(None, ())}
+    makes this checkout's server, C{make_for(path, ())} the baseline's (whose options may
+    differ), C{make_for(None, STOCK_REACTOR)} this checkout's on the stock reactor.
     """
-    contenders = [Contender(service, make_for(None), twistnet=True)]
+    contenders = [Contender(service, make_for(None, ()), twistnet=True)]
     if settings.baseline is not None:
         name = service + BASELINE_SUFFIX
-        contenders.append(Contender(name, make_for(settings.baseline), twistnet=True))
+        contenders.append(Contender(name, make_for(settings.baseline, ()), twistnet=True))
+    name = service + STOCK_REACTOR_SUFFIX
+    contenders.append(
+        Contender(
+            name,
+            make_for(None, STOCK_REACTOR),
+            twistnet=True,
+            idle=False,
+            idle_note="the same server: the reactor's dispatch holds no memory per connection",
+        )
+    )
     return contenders
 
 
@@ -447,8 +477,11 @@ def echo_workload(settings: Settings) -> Workload:
             *twistnet_contenders(
                 settings,
                 "twistnet-echo",
-                lambda baseline: twistnet(
-                    "twistnet-echo", "--max-connections", "0", baseline=baseline
+                lambda baseline, options: twistnet(
+                    "twistnet-echo",
+                    *("--max-connections", "0"),
+                    baseline=baseline,
+                    twistd_options=options,
                 ),
             ),
             Contender("wire.Echo", peer("wire.Echo", "echo_wire.py")),
@@ -544,7 +577,9 @@ def chat_workload(settings: Settings) -> Workload:
             *twistnet_contenders(
                 settings,
                 "twistnet-chat",
-                lambda baseline: twistnet("twistnet-chat", *CHAT_LIMITS, baseline=baseline),
+                lambda baseline, options: twistnet(
+                    "twistnet-chat", *CHAT_LIMITS, baseline=baseline, twistd_options=options
+                ),
             ),
             Contender("classic Twisted chat", peer("classic Twisted chat", "chat_classic.py")),
             Contender("asyncio chat", peer("asyncio chat", "chat_asyncio.py")),
@@ -607,11 +642,15 @@ def socat_log(workdir: Path) -> Server:
     return Server("socat", argv, workdir, port=port)
 
 
-def twistnet_log(baseline: Path | None) -> Callable[[Path], Server]:
+def twistnet_log(
+    baseline: Path | None, twistd_options: tuple[str, ...] = ()
+) -> Callable[[Path], Server]:
     def make(workdir: Path) -> Server:
         workdir.mkdir(parents=True, exist_ok=True)
         args = ("--file", str(log_file(workdir)), "--format", "raw", "--max-connections", "0")
-        return twistnet("twistnet-log", *args, baseline=baseline)(workdir)
+        return twistnet("twistnet-log", *args, baseline=baseline, twistd_options=twistd_options)(
+            workdir
+        )
 
     return make
 
@@ -896,9 +935,15 @@ def http_peer(name: str, script: str, state: HttpState, module: str | None = Non
 class JobServer(TwistdServer):
     """twistnet-http, which on start gets one job done so GET has a real job to serve."""
 
-    def __init__(self, state: HttpState, workdir: Path, baseline: Path | None = None) -> None:
+    def __init__(
+        self,
+        state: HttpState,
+        workdir: Path,
+        baseline: Path | None = None,
+        twistd_options: tuple[str, ...] = (),
+    ) -> None:
         args = HTTP_ARGS if baseline is not None else HTTP_ARGS_NOW
-        super().__init__("twistnet-http", args, workdir, baseline)
+        super().__init__("twistnet-http", args, workdir, baseline, twistd_options)
         self.state = state
         self.job_path = state.job_path
 
@@ -933,8 +978,10 @@ class JobServer(TwistdServer):
             time.sleep(0.05)
 
 
-def twistnet_http(state: HttpState, baseline: Path | None = None) -> Callable[[Path], Server]:
-    return lambda workdir: JobServer(state, workdir, baseline)
+def twistnet_http(
+    state: HttpState, baseline: Path | None = None, twistd_options: tuple[str, ...] = ()
+) -> Callable[[Path], Server]:
+    return lambda workdir: JobServer(state, workdir, baseline, twistd_options)
 
 
 def http_workload(settings: Settings) -> Workload:
@@ -943,7 +990,9 @@ def http_workload(settings: Settings) -> Workload:
         "http",
         [
             *twistnet_contenders(
-                settings, "twistnet-http", lambda baseline: twistnet_http(state, baseline)
+                settings,
+                "twistnet-http",
+                lambda baseline, options: twistnet_http(state, baseline, options),
             ),
             Contender(
                 "bare twisted.web", http_peer("bare twisted.web", "http_twisted_web.py", state)

@@ -6,26 +6,51 @@ test cleaned up, so both are here: C{reactor}, C{listen} (a real port on 127.0.0
 the OS, stopped with its connections at teardown), C{twistd} (a service as a child process),
 an autouse check that no reader, writer or delayed call outlives its test, and one that no
 twistnet-http server a test module started outlives the module.
+
+The suite runs on the twistnet reactor, as the services do by default, or on Twisted's stock
+one with TWISTNET_REACTOR=stock (tests/helpers.py passes the same choice to every twistd).
 """
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import pytest_twisted
 from twisted.internet import defer, endpoints, task
-from twisted.internet import reactor as global_reactor
 
-from helpers import TwistdProcess, eventually
+from helpers import SUITE_REACTOR, TwistdProcess, eventually
 from http_rel_helpers import stop_leftovers
 
 #: How long teardown waits for connections and timers to wind down before calling it a leak.
 SETTLE_SECONDS = 5.0
 
 
+@pytest.hookimpl(tryfirst=True)
+def pytest_configure(config):
+    """
+    Install the suite's reactor before pytest-twisted installs its default: it then finds an
+    C{EPollReactor} (ours is one) in place and runs it. Nothing imported above may import
+    C{twisted.internet.reactor}, which would install Twisted's default first.
+    """
+    assert "twisted.internet.reactor" not in sys.modules, "a reactor was installed too early"
+    # pytest-twisted's own --reactor (asyncio, qt5reactor), if given, is left to it.
+    if SUITE_REACTOR == "twistnet" and config.getoption("reactor") == "default":
+        from twistnet import reactor
+
+        reactor.install()
+
+
+def _global_reactor():
+    from twisted.internet import reactor
+
+    return reactor
+
+
 @pytest.fixture
 def reactor():
     """The running global reactor, for tests that need real sockets."""
-    return global_reactor
+    return _global_reactor()
 
 
 def _reactor_state(reactor) -> tuple[set, set, set]:
@@ -53,6 +78,7 @@ async def _settle(reactor, baseline) -> tuple[set, set, set]:
 @pytest.fixture(autouse=True)
 def no_reactor_leaks():
     """Fail a test that leaves readers, writers or delayed calls on the reactor."""
+    global_reactor = _global_reactor()
     # One reactor turn first, so the reactor's own wakers are part of the baseline.
     pytest_twisted.blockon(task.deferLater(global_reactor, 0, lambda: None))
     baseline = _reactor_state(global_reactor)
@@ -108,8 +134,10 @@ def twistd(tmp_path):
     """
     started: list[TwistdProcess] = []
 
-    def start(plugin: str, *args: str, cwd=None, env=None) -> TwistdProcess:
-        process = TwistdProcess(plugin, *args, cwd=cwd or tmp_path, env=env)
+    def start(plugin: str, *args: str, cwd=None, env=None, twistd_options=None) -> TwistdProcess:
+        process = TwistdProcess(
+            plugin, *args, cwd=cwd or tmp_path, env=env, twistd_options=twistd_options
+        )
         started.append(process)
         return process
 

@@ -15,6 +15,15 @@ from pathlib import Path
 
 TWISTD = str(Path(sys.executable).parent / "twistd")
 
+#: The reactor the suite runs on, in the test process and in every twistd it starts: twistnet's
+#: (the services' default) unless TWISTNET_REACTOR=stock asks for Twisted's stock epoll reactor.
+SUITE_REACTOR = os.environ.get("TWISTNET_REACTOR", "twistnet")
+if SUITE_REACTOR not in ("twistnet", "stock"):
+    raise SystemExit(f"TWISTNET_REACTOR={SUITE_REACTOR!r}: expected 'twistnet' or 'stock'")
+
+#: The twistd options that run a service on the suite's reactor (none: the default).
+REACTOR_OPTIONS = ["--reactor", "epoll"] if SUITE_REACTOR == "stock" else []
+
 #: Upper bound for anything a test waits for; generous so a loaded CI machine does not flake.
 WAIT_SECONDS = 20.0
 
@@ -57,10 +66,21 @@ async def eventually(
 
 
 class TwistdProcess:
-    """C{twistd -n PLUGIN ARGS} as a child process, its log collected line by line."""
+    """
+    C{twistd -n PLUGIN ARGS} as a child process, its log collected line by line; on the
+    suite's reactor unless C{twistd_options} (placed before the plugin) say otherwise.
+    """
 
-    def __init__(self, plugin: str, *args: str, cwd: str | os.PathLike | None = None, env=None):
-        self.argv = [TWISTD, "-n", "--pidfile=", plugin, *args]
+    def __init__(
+        self,
+        plugin: str,
+        *args: str,
+        cwd: str | os.PathLike | None = None,
+        env=None,
+        twistd_options: list[str] | None = None,
+    ):
+        options = REACTOR_OPTIONS if twistd_options is None else twistd_options
+        self.argv = [TWISTD, *options, "-n", "--pidfile=", plugin, *args]
         self.lines: list[str] = []
         self._changed = threading.Condition()
         self.proc = subprocess.Popen(
@@ -164,7 +184,7 @@ def turned_away(output: str) -> int:
 def run_twistd(plugin: str, *args: str, timeout: float = WAIT_SECONDS, cwd=None):
     """Run twistd to completion (for options that must make it exit)."""
     return subprocess.run(
-        [TWISTD, "-n", "--pidfile=", plugin, *args],
+        [TWISTD, *REACTOR_OPTIONS, "-n", "--pidfile=", plugin, *args],
         capture_output=True,
         text=True,
         timeout=timeout,

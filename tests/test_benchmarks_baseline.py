@@ -13,7 +13,9 @@ from benchmarks.report import Figure, Section, markdown, versus_baseline
 from benchmarks.workloads import (
     Settings,
     chat_workload,
+    echo_workload,
     http_workload,
+    log_workload,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -68,12 +70,23 @@ def test_baseline_runs_right_after_twistnet_and_only_with_the_option():
 def test_http_baseline_gets_no_max_requests_and_both_are_uncapped(tmp_path):
     workload = http_workload(Settings(baseline=Path("/old")))
     now, before = (c.make(tmp_path / c.name) for c in workload.contenders[:2])
-    assert [c.twistnet for c in workload.contenders] == [True, True, False, False]
+    assert [c.twistnet for c in workload.contenders] == [True, True, True, False, False]
     assert now.argv[now.argv.index("--max-requests") + 1] == "20000"
     assert "--max-requests" not in before.argv
     for server in (now, before):
         assert server.argv[server.argv.index("--max-connections") + 1] == "20000"
     assert before.env == {"PYTHONPATH": "/old"} and now.env is None
+
+
+@pytest.mark.parametrize("make", [echo_workload, chat_workload, log_workload, http_workload])
+def test_each_twistnet_service_runs_on_both_reactors_side_by_side(make, tmp_path):
+    contenders = make(Settings()).contenders
+    ours, stock = contenders[0], contenders[1]
+    assert stock.name == ours.name + " (stock reactor)" and stock.twistnet
+    ours_argv, stock_argv = (c.make(tmp_path).argv for c in (ours, stock))
+    assert "--reactor" not in ours_argv
+    assert stock_argv[1:3] == ["--reactor", "epoll"]
+    assert stock_argv[3:] == ours_argv[1:]
 
 
 def test_vs_baseline_gives_now_baseline_and_their_per_round_ratio():

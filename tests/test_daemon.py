@@ -13,7 +13,7 @@ import subprocess
 
 import pytest
 
-from helpers import TWISTD, connect, recv_exactly, wait_until
+from helpers import REACTOR_OPTIONS, TWISTD, connect, recv_exactly, wait_until
 
 
 def service_args(plugin: str, tmp_path, port: int) -> list[str]:
@@ -27,7 +27,7 @@ def service_args(plugin: str, tmp_path, port: int) -> list[str]:
 
 def daemon(tmp_path, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [TWISTD, "--pidfile", "twistd.pid", "--logfile", "twistd.log", *args],
+        [TWISTD, *REACTOR_OPTIONS, "--pidfile", "twistd.pid", "--logfile", "twistd.log", *args],
         capture_output=True,
         text=True,
         timeout=30,

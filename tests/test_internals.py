@@ -7,6 +7,7 @@ from __future__ import annotations
 import select
 import socket
 
+import pytest
 import pytest_twisted
 from twisted.internet import defer, main, protocol, task
 from twisted.internet.error import ConnectionDone, ConnectionLost
@@ -234,3 +235,198 @@ def test_tls_context_factory_reads_the_key_and_certificate_of_an_ssl_description
     assert isinstance(factory.getContext(), SSL.Context)
     with pytest.raises(OSError):
         tls_context_factory(f"ssl:0:privateKey={tmp_path / 'missing.pem'}")
+
+
+# --- the twistnet reactor: what its doPoll copies from Twisted's, and what it changes ---------
+
+#: Digest of the statements of Twisted's C{EPollReactor.doPoll} (docstring and comments aside)
+#: that C{DirectDispatchEPollReactor.doPoll} was written from. If it changes, compare the two,
+#: carry the change over, and pin the new digest.
+STOCK_DOPOLL_DIGEST = "f57e2c7333740ac9"
+
+
+def _statements_digest(function) -> str:
+    import ast
+    import hashlib
+    import inspect
+    import textwrap
+
+    tree = ast.parse(textwrap.dedent(inspect.getsource(function))).body[0]
+    if isinstance(tree.body[0], ast.Expr) and isinstance(tree.body[0].value, ast.Constant):
+        tree.body = tree.body[1:]
+    return hashlib.sha256(ast.dump(tree).encode()).hexdigest()[:16]
+
+
+def test_twisted_epoll_do_poll_is_still_the_one_the_twistnet_reactor_copies():
+    import inspect
+
+    from twisted.internet.epollreactor import EPollReactor
+
+    assert _statements_digest(EPollReactor.doPoll) == STOCK_DOPOLL_DIGEST
+    source = inspect.getsource(EPollReactor.doPoll)
+    assert "self._poller.poll(timeout, len(self._selectables))" in source
+    assert "log.callWithLogger(selectable, _drdw, selectable, fd, event)" in source
+    assert EPollReactor.doIteration is EPollReactor.doPoll
+
+
+@pytest.fixture
+def lean_reactor():
+    """A twistnet reactor of its own, never installed nor run: driven by C{doIteration(0)}."""
+    from twistnet._internals import DirectDispatchEPollReactor
+
+    reactor = DirectDispatchEPollReactor()
+    yield reactor
+    reactor.waker.connectionLost(None)
+    reactor._poller.close()
+
+
+def test_the_reactor_internals_the_twistnet_reactor_uses_are_still_there(lean_reactor):
+    import inspect
+
+    from twisted.internet.epollreactor import EPollReactor
+
+    from twistnet._internals import REACTOR_PRIVATE_NAMES, DirectDispatchEPollReactor
+
+    assert issubclass(DirectDispatchEPollReactor, EPollReactor)
+    for name in REACTOR_PRIVATE_NAMES:
+        assert hasattr(lean_reactor, name), name
+    assert isinstance(lean_reactor._selectables, dict)
+    assert isinstance(lean_reactor._reads, set) and isinstance(lean_reactor._writes, set)
+    assert callable(lean_reactor._poller.poll)
+    parameters = list(inspect.signature(EPollReactor._doReadOrWrite).parameters)
+    assert parameters == ["self", "selectable", "fd", "event"]
+    assert DirectDispatchEPollReactor.doIteration is DirectDispatchEPollReactor.doPoll
+
+
+class Selectable:
+    """A reader on one end of a socket pair, with hooks a test can make fail."""
+
+    def __init__(self, sock: socket.socket, prefix: str, read=None, lost=None):
+        self.sock = sock
+        self.prefix = prefix
+        self.read = read or (lambda: sock.recv(100))
+        self.lost = lost or (lambda reason: None)
+        self.reasons: list = []
+
+    def fileno(self):
+        return self.sock.fileno()
+
+    def logPrefix(self):
+        return self.prefix
+
+    def doRead(self):
+        self.read()
+
+    def connectionLost(self, reason):
+        self.reasons.append(reason)
+        self.lost(reason)
+
+
+@pytest.fixture
+def socket_pairs():
+    pairs = []
+
+    def make():
+        pair = socket.socketpair()
+        pairs.append(pair)
+        return pair
+
+    yield make
+    for pair in pairs:
+        for sock in pair:
+            sock.close()
+
+
+def test_a_reader_that_raises_is_logged_and_disconnected_and_the_reactor_serves_on(
+    lean_reactor, socket_pairs
+):
+    from twisted.logger import capturedLogs
+
+    broken_end, broken_peer = socket_pairs()
+    good_end, good_peer = socket_pairs()
+    broken = Selectable(broken_end, "Broken,1,127.0.0.1", read=lambda: 1 / 0)
+    good = Selectable(good_end, "Good,2,127.0.0.1")
+    lean_reactor.addReader(broken)
+    lean_reactor.addReader(good)
+    broken_peer.send(b"x")
+    good_peer.send(b"y")
+    with capturedLogs() as events:
+        lean_reactor.doIteration(0)
+    # Logged by Twisted's _doReadOrWrite through twisted.python.log: "failure", not "log_failure".
+    failures = [e["failure"] for e in events if e.get("failure") is not None]
+    assert [f.type for f in failures] == [ZeroDivisionError]
+    assert [r.type for r in broken.reasons] == [ZeroDivisionError]
+    assert broken not in lean_reactor.getReaders() and good in lean_reactor.getReaders()
+    good_peer.send(b"z")
+    lean_reactor.doIteration(0)
+    assert good.reasons == [], "the healthy reader is served and kept"
+
+
+def test_an_error_escaping_dispatch_is_logged_under_the_connection_and_the_next_is_served(
+    lean_reactor, socket_pairs
+):
+    """C{_doReadOrWrite} does not guard C{connectionLost}; the stock wrapper did, and so do we."""
+    from twisted.logger import capturedLogs
+
+    closing_end, closing_peer = socket_pairs()
+    good_end, good_peer = socket_pairs()
+
+    def lose(reason):
+        lean_reactor.removeReader(closing)
+        raise RuntimeError("bug in connectionLost")
+
+    closing = Selectable(closing_end, "Closing,1,127.0.0.1", read=lambda: 1 / 0, lost=lose)
+    received = []
+    good = Selectable(good_end, "Good,2,127.0.0.1", read=lambda: received.append(good_end.recv(9)))
+    lean_reactor.addReader(closing)
+    lean_reactor.addReader(good)
+    closing_peer.send(b"x")
+    good_peer.send(b"y")
+    with capturedLogs() as events:
+        for _ in range(2):  # epoll may report the two in either order
+            lean_reactor.doIteration(0)
+    escaped = [e for e in events if getattr(e.get("log_failure"), "type", None) is RuntimeError]
+    assert len(escaped) == 1
+    assert escaped[0]["log_system"] == "Closing,1,127.0.0.1"
+    assert received == [b"y"]
+
+
+def test_legacy_log_lines_during_dispatch_lose_only_the_connection_prefix(
+    lean_reactor, socket_pairs
+):
+    """
+    The one thing consciously dropped: C{twisted.python.log} events logged while a read is
+    dispatched read C{[-]}, where the stock reactor wrote the connection's prefix.
+    C{twisted.logger} events, all of twistnet's own, are the same on both reactors.
+    """
+    from twisted.internet.epollreactor import EPollReactor
+    from twisted.logger import Logger, capturedLogs, formatEventAsClassicLogText
+    from twisted.python import log as legacy
+
+    modern = Logger(namespace="twistnet.test")
+
+    def read_and_log(sock):
+        sock.recv(9)
+        legacy.msg("legacy line")
+        modern.info("modern line")
+
+    def systems(reactor) -> list[str]:
+        end, peer = socket_pairs()
+        reader = Selectable(end, "Echo,7,127.0.0.1", read=lambda: read_and_log(end))
+        reactor.addReader(reader)
+        peer.send(b"x")
+        with capturedLogs() as events:
+            reactor.doIteration(0)
+        reactor.removeReader(reader)
+        return [formatEventAsClassicLogText(e).split(" ", 1)[1] for e in events]
+
+    stock = EPollReactor()
+    try:
+        assert systems(stock) == [
+            "[Echo,7,127.0.0.1] legacy line\n",
+            "[twistnet.test#info] modern line\n",
+        ]
+    finally:
+        stock.waker.connectionLost(None)
+        stock._poller.close()
+    assert systems(lean_reactor) == ["[-] legacy line\n", "[twistnet.test#info] modern line\n"]

@@ -20,6 +20,7 @@ from redis_support import redis_server_fixture  # noqa: F401  (the redis_server 
 
 from chat_helpers import ChatClient
 from helpers import (
+    REACTOR_OPTIONS,
     TWISTD,
     connect,
     make_certificate,
@@ -193,7 +194,8 @@ def test_daemon_mode_one_pidfile_the_parents(tmp_path):
         port = probe.getsockname()[1]
     result = subprocess.run(
         [
-            *(TWISTD, "--pidfile", "twistd.pid", "--logfile", "twistd.log", "twistnet-echo"),
+            *(TWISTD, *REACTOR_OPTIONS, "--pidfile", "twistd.pid", "--logfile", "twistd.log"),
+            "twistnet-echo",
             *("--listen", f"tcp:{port}:interface=127.0.0.1", "--processes", "2"),
         ],
         capture_output=True,

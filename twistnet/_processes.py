@@ -305,12 +305,17 @@ def _how_it_ended(reason: BaseException) -> str:
     return f"exit status {code}"
 
 
-def child_argv(plugin: str, argv: list[str]) -> list[str]:
-    """The command of one child: the same service in the foreground, one process."""
+def child_argv(plugin: str, argv: list[str], reactor: str | None = None) -> list[str]:
+    """
+    The command of one child: the same service in the foreground, one process, on the
+    C{reactor} the operator gave the parent (C{twistd --reactor}); with none, the child
+    picks the same default as the parent did.
+    """
     twistd = Path(sys.executable).with_name("twistd")
     command = [str(twistd)] if twistd.exists() else [sys.executable, "-m", "twisted", "twistd"]
     return [
         *command,
+        *(["--reactor", reactor] if reactor else []),
         "-n",
         "--pidfile=",
         f"--logger={__name__}.child_log_observer",

@@ -295,7 +295,8 @@ def _supervising(options: usage.Options, reactor=None) -> ServiceRoot:
     name = options.service_name
     root = ServiceRoot(name, reactor)
     held, addresses = _processes.bind(name, options.endpoint_descriptions())
-    argv = _processes.child_argv(name, options.argv)
+    twistd = getattr(options, "parent", None)
+    argv = _processes.child_argv(name, options.argv, twistd.get("reactor") if twistd else None)
     supervisor = _processes.Supervisor(options["processes"], held, addresses, argv, reactor)
     supervisor.setServiceParent(root)
     return root

@@ -1,7 +1,14 @@
-"""twistd plugins for the twistnet services; the options and services live in twistnet."""
+"""twistd plugins for the twistnet services and their reactor; the code lives in twistnet."""
 
-from twisted.application.service import ServiceMaker
+from twisted.application.reactors import Reactor
 
+from twistnet.reactor import ServiceMaker
+
+twistnet_reactor = Reactor(
+    "twistnet",
+    "twistnet.reactor",
+    "epoll without the legacy log context per event; twistnet's default (Linux).",
+)
 twistnet_echo = ServiceMaker(
     "twistnet echo", "twistnet.echo", "RFC 862 echo over TCP and UDP.", "twistnet-echo"
 )
