@@ -42,6 +42,7 @@ def test_a_service_runs_on_the_twistnet_reactor_when_no_reactor_is_named(twistd,
     server = twistd(plugin, "--listen", LOCAL, twistd_options=[])
     server.wait_for_line(OURS)
     server.wait_for_line(CHOSEN_BY_DEFAULT)
+    server.port()  # serving: a SIGTERM now is a drain, not a start cut short
     if plugin == "twistnet-echo":
         assert echoes(server)
     assert server.terminate() == 0
