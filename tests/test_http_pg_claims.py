@@ -134,3 +134,34 @@ def test_cancel_ends_a_queued_job_and_flags_a_running_one(connect):
         assert claims.cancel(db, running_id, 3.0) == RUNNING
         assert claims.cancel(db, "f" * 32, 3.0) is None
     assert claims.cancel_requested(db, "w1") == [running_id]
+
+
+def test_a_batch_of_submissions_is_one_insert_with_keys_honoured_and_one_notify_per_tool(
+    connect,
+):
+    db, listener = connect(), connect()
+    listener.execute(f"LISTEN {claims.QUEUED_CHANNEL}")
+
+    def job(tool: str = "echo") -> Job:
+        return Job(id=uuid.uuid4().hex, tool=tool, params={"n": 1}, timeout=5.0, created=1.0)
+
+    earlier = job()
+    with db.transaction():
+        assert claims.enqueue(db, earlier, "k-old") is None
+    list(listener.notifies(timeout=0.2, stop_after=1))
+    batch = [
+        (job(), None),
+        (job(), "k-new"),
+        (job(), "k-new"),
+        (job(), "k-old"),
+        (job("date"), None),
+    ]
+    with db.transaction():
+        answers = claims.enqueue_many(db, batch)
+    assert answers[0] is None and answers[1] is None and answers[4] is None
+    assert answers[2].id == batch[1][0].id  # the same key in one batch: the first's job
+    assert answers[3].id == earlier.id
+    stored = {row[0] for row in db.execute("SELECT id FROM jobs")}
+    assert stored == {earlier.id, batch[0][0].id, batch[1][0].id, batch[4][0].id}
+    payloads = sorted(note.payload for note in listener.notifies(timeout=0.3, stop_after=3))
+    assert payloads == ["date", "echo"]

@@ -16,7 +16,7 @@ import pytest
 import pytest_twisted
 
 from helpers import eventually, run_twistd, wait_until
-from twistnet.http import pgschema, pgstore
+from twistnet.http import claims, pgschema, pgstore
 from twistnet.http.model import QUEUED, Job
 from twistnet.http.pgstore import PostgresJobStore, redacted
 from twistnet.http.store import StoreError, StoreUnavailable
@@ -93,6 +93,28 @@ async def test_a_write_while_the_server_is_down_is_unavailable_then_works_again(
     await store.add(make_job(3))
     assert (await store.get(make_job(3).id)).status == QUEUED
     assert await store.get(make_job(2).id) is None
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_refused_submission_in_a_batch_fails_alone(store):
+    entered, held = threading.Event(), threading.Event()
+    # The writer waits in this write: the submissions below queue up into one batch.
+    blocked = store.write(lambda db: entered.set() or held.wait(5))
+    assert entered.wait(5)
+    good, bad, other = make_job(1), make_job(2).evolve(params={"text": "\0"}), make_job(3)
+    answers = [
+        store.write_many(claims.enqueue_many, (job, None)).addErrback(lambda f: f.value)
+        for job in (good, bad, other)
+    ]
+    held.set()
+    await blocked
+    results = [await answer for answer in answers]
+    assert results[0] is None and results[2] is None
+    assert isinstance(results[1], psycopg.DataError)
+    assert (await store.get(good.id)).status == QUEUED
+    assert (await store.get(other.id)).status == QUEUED
+    assert await store.get(bad.id) is None
+    assert store.commits == 2 and store.committed_operations == 4
 
 
 @pytest_twisted.ensureDeferred

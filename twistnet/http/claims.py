@@ -76,27 +76,53 @@ def retire(db: psycopg.Connection, worker: str) -> None:
     db.execute("DELETE FROM workers WHERE id = %s", (worker,))
 
 
+#: The PostgreSQL type of each job column and of the idempotency key, for C{unnest}.
+_TYPES = (
+    "text, text, jsonb, text, float8, float8, float8, float8, int4, jsonb, text, bool, int8,"
+    " int4, text"
+).split(", ")
+_ENQUEUE = (
+    f"INSERT INTO jobs ({JOB_COLUMNS}, idempotency_key)"  # noqa: S608 - constants only
+    f" SELECT * FROM unnest({', '.join(f'%s::{kind}[]' for kind in _TYPES)})"
+    " ON CONFLICT (idempotency_key) DO NOTHING RETURNING id"
+)
+
+
 def enqueue(db: psycopg.Connection, job: Job, idempotency_key: str | None) -> Job | None:
+    """L{enqueue_many} of one job."""
+    return enqueue_many(db, [(job, idempotency_key)])[0]
+
+
+def enqueue_many(
+    db: psycopg.Connection, submissions: list[tuple[Job, str | None]]
+) -> list[Job | None]:
     """
-    Store a new job and wake the workers of its tool; with an C{idempotency_key} already
-    used, store nothing and return the job that key made (a client's retry gets the same
-    job). NOTIFY is sent at commit, and identical notifications of one transaction are
-    folded into one, so a group commit of many submissions wakes workers once per tool.
+    Store new jobs in one statement and wake the workers of their tools; for each, None, or
+    the job its C{idempotency_key} already made (then nothing is stored: a client's retry
+    gets the same job; two submissions of one batch with the same key get the first's job).
+
+    One INSERT of arrays for the whole batch and one NOTIFY per tool, sent at commit: a
+    statement per job would cost a round trip per job, and NOTIFY serializes committing
+    transactions (identical notifications of one transaction are folded anyway).
     """
-    row = db.execute(
-        f"INSERT INTO jobs ({JOB_COLUMNS}, idempotency_key)"  # noqa: S608 - constants only
-        f" VALUES ({', '.join(['%s'] * 15)})"
-        " ON CONFLICT (idempotency_key) DO NOTHING RETURNING id",
-        (*pg_row(job), idempotency_key),
-    ).fetchone()
-    if row is None:
-        found = db.execute(
-            f"SELECT {JOB_COLUMNS} FROM jobs WHERE idempotency_key = %s",  # noqa: S608
-            (idempotency_key,),
-        ).fetchone()
-        return pg_job(found)
-    db.execute("SELECT pg_notify(%s, %s)", (QUEUED_CHANNEL, job.tool))
-    return None
+    rows = [(*pg_row(job), key) for job, key in submissions]
+    columns = [list(column) for column in zip(*rows, strict=True)]
+    inserted = {row[0] for row in db.execute(_ENQUEUE, columns)}
+    keys = [key for job, key in submissions if job.id not in inserted]
+    existing: dict[str, Job] = {}
+    if keys:
+        for row in db.execute(
+            f"SELECT idempotency_key, {JOB_COLUMNS} FROM jobs"  # noqa: S608 - constants only
+            " WHERE idempotency_key = ANY(%s)",
+            (keys,),
+        ):
+            existing[row[0]] = pg_job(row[1:])
+    tools = sorted({job.tool for job, _ in submissions if job.id in inserted})
+    if tools:
+        db.execute(
+            "SELECT pg_notify(%s, tool) FROM unnest(%s::text[]) tool", (QUEUED_CHANNEL, tools)
+        )
+    return [None if job.id in inserted else existing[key] for job, key in submissions]
 
 
 def claim(

@@ -19,6 +19,7 @@ A lost connection fails the operations in flight with L{StoreUnavailable} (the A
 
 from __future__ import annotations
 
+import itertools
 import queue
 import threading
 import time
@@ -92,6 +93,24 @@ _job = pgschema.pg_job
 _STOP = object()
 
 
+class Batched(Operation):
+    """
+    An operation that a lane may run together with its neighbours of the same kind, in one
+    statement: C{many(connection, [argument, ...])} answers each argument in order.
+    """
+
+    __slots__ = ("argument", "many")
+
+    def __init__(self, many: Callable[[psycopg.Connection, list], list], argument: Any) -> None:
+        super().__init__(lambda db: many(db, [argument])[0])
+        self.many = many
+        self.argument = argument
+
+
+def _kind(op: Operation) -> Any:
+    return getattr(op, "many", None)
+
+
 class Lane:
     """
     One connection on one thread, fed by a queue. A transactional lane runs each batch of
@@ -127,9 +146,11 @@ class Lane:
         return self._stopped
 
     def submit(self, function: Callable[[psycopg.Connection], Any]) -> defer.Deferred[Any]:
+        return self.put(Operation(function))
+
+    def put(self, op: Operation) -> defer.Deferred[Any]:
         if not self._thread.is_alive() or self._closing:
             return defer.fail(StoreError("the job store is not running"))
-        op = Operation(function)
         self._queue.put(op)
         return op.deferred
 
@@ -178,8 +199,12 @@ class Lane:
             db = self._connection()
             if self._transactional:
                 with db.transaction():
-                    for op in operations:
-                        self._run(db, op, savepoint=True)
+                    for kind, group in itertools.groupby(operations, _kind):
+                        if kind is None:
+                            for op in group:
+                                self._run(db, op, savepoint=True)
+                        else:
+                            self._run_many(db, kind, list(group))
                 self.commits += 1
                 self.committed_operations += len(operations)
             else:
@@ -214,6 +239,21 @@ class Lane:
             raise  # the connection is gone: the whole batch failed
         except Exception:
             op.result = Failure()
+
+    @classmethod
+    def _run_many(cls, db: psycopg.Connection, many: Callable, group: list[Batched]) -> None:
+        try:
+            with db.transaction():
+                results = many(db, [op.argument for op in group])
+        except (psycopg.OperationalError, psycopg.InterfaceError):
+            raise  # the connection is gone: the whole batch failed
+        except Exception:
+            # One of them is refused: each again on its own, so that only its caller fails.
+            for op in group:
+                cls._run(db, op, savepoint=True)
+            return
+        for op, result in zip(group, results, strict=True):
+            op.result, op.succeeded = result, True
 
     @staticmethod
     def _deliver(operations: list[Operation]) -> None:
@@ -333,6 +373,15 @@ class PostgresJobStore(Service):
     def write(self, function: Callable[[psycopg.Connection], Any]) -> defer.Deferred[Any]:
         """Run C{function(connection)} in the writer's next transaction; fires once committed."""
         return self._writer.submit(function).addErrback(_unavailable)
+
+    def write_many(
+        self, many: Callable[[psycopg.Connection, list], list], argument: Any
+    ) -> defer.Deferred[Any]:
+        """
+        Like L{write} of C{many(connection, [argument])[0]}, but the writer runs neighbouring
+        calls of the same C{many} as one call (one statement for a burst of submissions).
+        """
+        return self._writer.put(Batched(many, argument)).addErrback(_unavailable)
 
     def read(self, function: Callable[[psycopg.Connection], Any]) -> defer.Deferred[Any]:
         """Run C{function(connection)} on the reader's connection (autocommit)."""
