@@ -107,6 +107,10 @@ class Batched(Operation):
         self.argument = argument
 
 
+class _Refused(Exception):
+    """A batched call failed: its transaction is to be run again, each operation alone."""
+
+
 def _kind(op: Operation) -> Any:
     return getattr(op, "many", None)
 
@@ -198,13 +202,10 @@ class Lane:
         try:
             db = self._connection()
             if self._transactional:
-                with db.transaction():
-                    for kind, group in itertools.groupby(operations, _kind):
-                        if kind is None:
-                            for op in group:
-                                self._run(db, op, savepoint=True)
-                        else:
-                            self._run_many(db, kind, list(group))
+                try:
+                    self._commit(db, operations, careful=False)
+                except _Refused:
+                    self._commit(db, operations, careful=True)
                 self.commits += 1
                 self.committed_operations += len(operations)
             else:
@@ -226,6 +227,21 @@ class Lane:
             self._close()
         self._reactor.callFromThread(self._deliver, operations)
 
+    def _commit(self, db: psycopg.Connection, operations: list[Operation], careful: bool) -> None:
+        """
+        One transaction of the batch. Neighbouring L{Batched} operations run as one call
+        without a savepoint (two round trips fewer), unless C{careful}: when that call
+        fails, L{_Refused} rolls the whole transaction back, to be run again carefully,
+        each operation in its own savepoint, so that only the refused one fails.
+        """
+        with db.transaction():
+            for kind, group in itertools.groupby(operations, _kind):
+                if kind is None or careful:
+                    for op in group:
+                        self._run(db, op, savepoint=True)
+                else:
+                    self._run_many(db, kind, list(group))
+
     @staticmethod
     def _run(db: psycopg.Connection, op: Operation, savepoint: bool) -> None:
         try:
@@ -240,18 +256,14 @@ class Lane:
         except Exception:
             op.result = Failure()
 
-    @classmethod
-    def _run_many(cls, db: psycopg.Connection, many: Callable, group: list[Batched]) -> None:
+    @staticmethod
+    def _run_many(db: psycopg.Connection, many: Callable, group: list[Batched]) -> None:
         try:
-            with db.transaction():
-                results = many(db, [op.argument for op in group])
+            results = many(db, [op.argument for op in group])
         except (psycopg.OperationalError, psycopg.InterfaceError):
             raise  # the connection is gone: the whole batch failed
-        except Exception:
-            # One of them is refused: each again on its own, so that only its caller fails.
-            for op in group:
-                cls._run(db, op, savepoint=True)
-            return
+        except Exception as error:
+            raise _Refused from error
         for op, result in zip(group, results, strict=True):
             op.result, op.succeeded = result, True
 
