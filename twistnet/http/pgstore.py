@@ -55,6 +55,9 @@ PRUNE_BATCH = 1000
 CONNECT_TIMEOUT = 5
 #: A connection idle this many seconds is checked before a batch uses it.
 IDLE_CHECK = 1.0
+#: Seconds /healthz waits for the database: a monitor's probe must not hang for
+#: CONNECT_TIMEOUT (or for ever, on a server that stopped answering) to learn it is down.
+HEALTH_TIMEOUT = 1.0
 
 _TERMINAL = sorted(TERMINAL)
 _COLUMNS = JOB_COLUMNS
@@ -464,10 +467,10 @@ class PostgresJobStore(Service):
         return ChunkWriter(self, job_id)
 
     def reachable(self) -> defer.Deferred[bool]:
-        """Does the database answer (for /healthz)?"""
-        return self.read(lambda db: db.execute("SELECT 1").fetchone() == (1,)).addErrback(
-            lambda _: False
-        )
+        """Does the database answer within L{HEALTH_TIMEOUT} (for /healthz)?"""
+        asked = self.read(lambda db: db.execute("SELECT 1").fetchone() == (1,))
+        # Cancelled at the timeout: the reader's late answer is then dropped by the Deferred.
+        return asked.addTimeout(HEALTH_TIMEOUT, self._reactor).addErrback(lambda _: False)
 
     def fetch_output(self, job_id: str, offset: int = 0, size: int = -1) -> defer.Deferred[bytes]:
         def query(db: psycopg.Connection) -> bytes:
