@@ -62,7 +62,6 @@ HEALTH_TIMEOUT = 1.0
 _TERMINAL = sorted(TERMINAL)
 _COLUMNS = JOB_COLUMNS
 _SELECT = f"SELECT {_COLUMNS} FROM jobs"  # noqa: S608 - constants only
-_INSERT = f"INSERT INTO jobs ({_COLUMNS}) VALUES ({', '.join(['%s'] * 14)})"  # noqa: S608
 _UPDATE = "UPDATE jobs SET {} WHERE id = %s".format(  # noqa: S608
     ", ".join(f"{name.strip()} = %s" for name in _COLUMNS.split(",")[1:])
 )
@@ -404,9 +403,8 @@ class PostgresJobStore(Service):
 
     # --- IJobStore ------------------------------------------------------------------------
 
-    def add(self, job: Job) -> defer.Deferred[None]:
-        row = _row(job)
-        return self.write(lambda db: db.execute(_INSERT, row) and None)
+    def add(self, job: Job, idempotency_key: str | None = None) -> defer.Deferred[Job | None]:
+        return self.write_many(claims.enqueue_many, (job, idempotency_key))
 
     def update(self, job: Job) -> defer.Deferred[None]:
         row = _row(job)
