@@ -165,3 +165,20 @@ def test_a_batch_of_submissions_is_one_insert_with_keys_honoured_and_one_notify_
     assert stored == {earlier.id, batch[0][0].id, batch[1][0].id, batch[4][0].id}
     payloads = sorted(note.payload for note in listener.notifies(timeout=0.3, stop_after=3))
     assert payloads == ["date", "echo"]
+
+
+def test_a_claim_takes_the_oldest_jobs_of_all_its_tools_and_a_limited_one_within_its_slots(
+    connect,
+):
+    db = connect()
+    order = [queue(db, 1, tool)[0] for tool in ("echo", "date", "single", "single", "echo")]
+    with db.transaction():
+        claims.register(db, "w1", {"single": 1, "echo": 0, "date": 0, "idle": 0}, 30)
+        taken = claims.claim(db, "w1", {"single": 1, "echo": 0, "date": 0, "idle": 0}, 3, 1.0)
+    # The single slot's first job, then the oldest of the unlimited tools.
+    assert sorted(job.id for job, _ in taken) == sorted([order[2], order[0], order[1]])
+    slots = db.execute("SELECT job_id FROM tool_slots WHERE tool = 'single'").fetchall()
+    assert slots == [(order[2],)]
+    with db.transaction():
+        rest = claims.claim(db, "w1", {"single": 1, "echo": 0, "date": 0, "idle": 0}, 5, 1.0)
+    assert [job.id for job, _ in rest] == [order[4]]  # the second single waits for its slot
