@@ -1,11 +1,16 @@
 """
 python -m benchmarks.pg_cluster [--url URL] [--seconds S] [--connections N] [--probes N]
+                                [--nodes 1,2]
 
-(--url: a scratch database; the run leaves its jobs there, cancelled.)
+(--url: a scratch database; the run leaves its jobs there, cancelled. --probes 0: no claim
+latency. --connections are shared out among the nodes.)
 
 twistnet-http on PostgreSQL (issue 14): durable POSTs per second with one API node and with
 two (each node's CPU-seconds and CPU per job), and claim latency p50/p99 at a low offered
-rate with an idle worker. Without --url it starts a private PostgreSQL with fsync on in a
+rate with an idle worker. Per job it also prints where the rest went: the CPU of wrk and of
+PostgreSQL (the postmaster, its backends and what it reaped, when the pid file is readable),
+commits and WAL fsyncs (pg_stat_database, pg_stat_wal), and statements run
+(pg_stat_statements, which the private server preloads). Without --url it starts a private PostgreSQL with fsync on in a
 temporary directory (as root, as the postgres user). It refuses to report when the server
 has fsync or synchronous_commit off: those figures would not be durable ones.
 
