@@ -10,9 +10,10 @@ two (each node's CPU-seconds and CPU per job), and claim latency p50/p99 at a lo
 rate with an idle worker. Per job it also prints where the rest went: the CPU of wrk and of
 PostgreSQL (the postmaster, its backends and what it reaped, when the pid file is readable),
 commits and WAL fsyncs (pg_stat_database, pg_stat_wal), and statements run
-(pg_stat_statements, which the private server preloads). Without --url it starts a private PostgreSQL with fsync on in a
-temporary directory (as root, as the postgres user). It refuses to report when the server
-has fsync or synchronous_commit off: those figures would not be durable ones.
+(pg_stat_statements, which the private server preloads). Without --url it starts a private
+PostgreSQL with fsync on in a temporary directory (as root, as the postgres user). It refuses
+to report when the server has fsync or synchronous_commit off: those figures would not be
+durable ones.
 
 Claim latency is measured in the database as C{started - created}: C{created} is stamped by
 the API node just before its insert commits, C{started} by the worker just before its claim
