@@ -1,13 +1,19 @@
 """
 python -m benchmarks.pg_cluster [--url URL] [--seconds S] [--connections N] [--probes N]
+                                [--nodes 1,2]
 
-(--url: a scratch database; the run leaves its jobs there, cancelled.)
+(--url: a scratch database; the run leaves its jobs there, cancelled. --probes 0: no claim
+latency. --connections are shared out among the nodes.)
 
 twistnet-http on PostgreSQL (issue 14): durable POSTs per second with one API node and with
 two (each node's CPU-seconds and CPU per job), and claim latency p50/p99 at a low offered
-rate with an idle worker. Without --url it starts a private PostgreSQL with fsync on in a
-temporary directory (as root, as the postgres user). It refuses to report when the server
-has fsync or synchronous_commit off: those figures would not be durable ones.
+rate with an idle worker. Per job it also prints where the rest went: the CPU of wrk and of
+PostgreSQL (the postmaster, its backends and what it reaped, when the pid file is readable),
+commits and WAL fsyncs (pg_stat_database, pg_stat_wal), and statements run
+(pg_stat_statements, which the private server preloads). Without --url it starts a private
+PostgreSQL with fsync on in a temporary directory (as root, as the postgres user). It refuses
+to report when the server has fsync or synchronous_commit off: those figures would not be
+durable ones.
 
 Claim latency is measured in the database as C{started - created}: C{created} is stamped by
 the API node just before its insert commits, C{started} by the worker just before its claim
@@ -21,6 +27,7 @@ import argparse
 import http.client
 import json
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -49,6 +56,11 @@ def private_server(directory: Path):
     server = PostgresServer(directory, bindir, durable=True)
     server.init()
     server.start()
+    # pg_stat_statements counts the statements (round trips) per job; it loads at start.
+    with psycopg.connect(server.url("postgres"), autocommit=True) as db:
+        db.execute("ALTER SYSTEM SET shared_preload_libraries = 'pg_stat_statements'")
+    server.stop()
+    server.start()
     return server
 
 
@@ -64,9 +76,81 @@ def check_durable(url: str) -> None:
                 raise SystemExit(f"refusing to report: {setting} is {value}, not on")
 
 
-def cpu_seconds(pid: int) -> float:
+def cpu_seconds(pid: int, children: bool = False) -> float:
+    """CPU-seconds of a process (and of its children it has reaped, if C{children})."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    ticks = int(fields[11]) + int(fields[12])
+    if children:
+        ticks += int(fields[13]) + int(fields[14])
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+class ServerCounters:
+    """
+    What the PostgreSQL server spends, read before and after a run: the CPU of the
+    postmaster and every backend (when this user can read its data directory's pid file),
+    transactions committed, WAL flushes (fsyncs), and statements run (when
+    pg_stat_statements is loaded).
+    """
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        with psycopg.connect(url, autocommit=True) as db:
+            try:
+                data = db.execute("SHOW data_directory").fetchone()[0]
+                self.postmaster = int(Path(data, "postmaster.pid").read_text().split()[0])
+            except (psycopg.Error, OSError):
+                self.postmaster = None
+            try:
+                db.execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
+                db.execute("SELECT count(*) FROM pg_stat_statements").fetchone()
+                self.statements = True
+            except psycopg.Error:
+                self.statements = False
+
+    def cpu(self) -> float | None:
+        if self.postmaster is None:
+            return None
+        total = cpu_seconds(self.postmaster, children=True)
+        for child in (
+            Path(f"/proc/{self.postmaster}/task/{self.postmaster}/children").read_text().split()
+        ):
+            try:
+                total += cpu_seconds(int(child))
+            except OSError:
+                pass  # ended meanwhile: its CPU is now in the postmaster's children's
+        return total
+
+    def read(self) -> dict[str, float]:
+        with psycopg.connect(self.url, autocommit=True) as db:
+            counts = {
+                "commits": db.execute(
+                    "SELECT xact_commit FROM pg_stat_database WHERE datname = current_database()"
+                ).fetchone()[0],
+                "wal_fsyncs": db.execute("SELECT wal_sync FROM pg_stat_wal").fetchone()[0],
+            }
+            if self.statements:
+                counts["statements"] = (
+                    db.execute("SELECT sum(calls) FROM pg_stat_statements").fetchone()[0] or 0
+                )
+        cpu = self.cpu()
+        if cpu is not None:
+            counts["cpu"] = cpu
+        return counts
+
+    def per_job(self, before: dict[str, float], jobs: int) -> dict[str, float]:
+        after = self.read()
+        jobs = max(jobs, 1)
+        figures = {
+            f"{name}_per_job": round(float(after[name] - before[name]) / jobs, 3)
+            for name in ("commits", "wal_fsyncs", "statements")
+            if name in before
+        }
+        if "cpu" in before:
+            figures["postgres_cpu_ms_per_job"] = round(
+                1000 * (after["cpu"] - before["cpu"]) / jobs, 3
+            )
+        return figures
 
 
 def node(url: str, role: str, workdir: Path, *args: str) -> Server:
@@ -98,7 +182,10 @@ def posts(url: str, nodes: int, seconds: float, connections: int, workdir: Path)
     with psycopg.connect(url, autocommit=True) as db:
         before = db.execute("SELECT count(*) FROM jobs").fetchone()[0]
     servers = [node(url, "api", workdir) for _ in range(nodes)]
+    counters = ServerCounters(url)
     try:
+        counted = counters.read()
+        load_cpu = resource.getrusage(resource.RUSAGE_CHILDREN)
         cpu = [cpu_seconds(server.proc.pid) for server in servers]
         loads = [
             subprocess.Popen(
@@ -122,11 +209,14 @@ def posts(url: str, nodes: int, seconds: float, connections: int, workdir: Path)
         ]
         reports = [parse_wrk(load.communicate(timeout=seconds + 60)[0]) for load in loads]
         used = [cpu_seconds(s.proc.pid) - c for s, c in zip(servers, cpu, strict=True)]
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        load_used = (after.ru_utime + after.ru_stime) - (load_cpu.ru_utime + load_cpu.ru_stime)
+        with psycopg.connect(url, autocommit=True) as db:
+            stored = db.execute("SELECT count(*) FROM jobs").fetchone()[0] - before
+        server_figures = counters.per_job(counted, stored)
     finally:
         for server in servers:
             server.stop()
-    with psycopg.connect(url, autocommit=True) as db:
-        stored = db.execute("SELECT count(*) FROM jobs").fetchone()[0] - before
     accepted = sum(report["ok_per_s"] for report in reports)
     return {
         "nodes": nodes,
@@ -134,6 +224,8 @@ def posts(url: str, nodes: int, seconds: float, connections: int, workdir: Path)
         "jobs_stored": stored,
         "cpu_seconds": [round(value, 2) for value in used],
         "cpu_ms_per_job": round(1000 * sum(used) / max(stored, 1), 3),
+        "wrk_cpu_ms_per_job": round(1000 * load_used / max(stored, 1), 3),
+        **server_figures,
         "p99_ms": max(report["p99_ms"] for report in reports),
         "errors": sum(report["errors"] for report in reports),
     }
@@ -185,7 +277,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--url", help="a PostgreSQL database (default: a private server)")
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--connections", type=int, default=50)
-    parser.add_argument("--probes", type=int, default=300)
+    parser.add_argument("--probes", type=int, default=300, help="0: no claim latency")
+    parser.add_argument("--nodes", default="1,2", help="API node counts to run, e.g. 1")
     args = parser.parse_args(argv)
     if shutil.which("wrk") is None:
         raise SystemExit("wrk is needed: apt-get install wrk")
@@ -200,9 +293,11 @@ def main(argv: list[str] | None = None) -> None:
         results = {
             "posts": [
                 posts(url, nodes, args.seconds, args.connections, workdir / "logs")
-                for nodes in (1, 2)
+                for nodes in [int(n) for n in args.nodes.split(",")]
             ],
-            "claim_latency": claim_latency(url, args.probes, workdir / "logs"),
+            "claim_latency": (
+                claim_latency(url, args.probes, workdir / "logs") if args.probes else None
+            ),
             "cores": os.cpu_count(),
         }
         print(json.dumps(results, indent=2))

@@ -41,6 +41,7 @@ class Answers(resource.Resource):
         return b"hello"
 
     def render_POST(self, request):
+        self.args = request.args
         return b"got %d" % len(request.content.read())
 
 
@@ -197,3 +198,14 @@ def test_a_connection_being_served_is_never_evicted():
     assert not busy_t.disconnecting
     site.resource.held[0].finish()
     assert status_and_body(busy_t)[0] == 200
+
+
+def test_a_form_body_is_not_parsed_into_args_and_the_query_still_is():
+    site, _ = make_site()
+    proto, transport = connect(site)
+    proto.dataReceived(
+        b"POST /?q=1 HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-www-form-urlencoded"
+        b"\r\nContent-Length: 3\r\n\r\na=b"
+    )
+    assert status_and_body(transport) == (200, b"got 3")
+    assert site.resource.args == {b"q": [b"1"]}

@@ -134,3 +134,51 @@ def test_cancel_ends_a_queued_job_and_flags_a_running_one(connect):
         assert claims.cancel(db, running_id, 3.0) == RUNNING
         assert claims.cancel(db, "f" * 32, 3.0) is None
     assert claims.cancel_requested(db, "w1") == [running_id]
+
+
+def test_a_batch_of_submissions_is_one_insert_with_keys_honoured_and_one_notify_per_tool(
+    connect,
+):
+    db, listener = connect(), connect()
+    listener.execute(f"LISTEN {claims.QUEUED_CHANNEL}")
+
+    def job(tool: str = "echo") -> Job:
+        return Job(id=uuid.uuid4().hex, tool=tool, params={"n": 1}, timeout=5.0, created=1.0)
+
+    earlier = job()
+    with db.transaction():
+        assert claims.enqueue(db, earlier, "k-old") is None
+    list(listener.notifies(timeout=0.2, stop_after=1))
+    batch = [
+        (job(), None),
+        (job(), "k-new"),
+        (job(), "k-new"),
+        (job(), "k-old"),
+        (job("date"), None),
+    ]
+    with db.transaction():
+        answers = claims.enqueue_many(db, batch)
+    assert answers[0] is None and answers[1] is None and answers[4] is None
+    assert answers[2].id == batch[1][0].id  # the same key in one batch: the first's job
+    assert answers[3].id == earlier.id
+    stored = {row[0] for row in db.execute("SELECT id FROM jobs")}
+    assert stored == {earlier.id, batch[0][0].id, batch[1][0].id, batch[4][0].id}
+    payloads = sorted(note.payload for note in listener.notifies(timeout=0.3, stop_after=3))
+    assert payloads == ["date", "echo"]
+
+
+def test_a_claim_takes_the_oldest_jobs_of_all_its_tools_and_a_limited_one_within_its_slots(
+    connect,
+):
+    db = connect()
+    order = [queue(db, 1, tool)[0] for tool in ("echo", "date", "single", "single", "echo")]
+    with db.transaction():
+        claims.register(db, "w1", {"single": 1, "echo": 0, "date": 0, "idle": 0}, 30)
+        taken = claims.claim(db, "w1", {"single": 1, "echo": 0, "date": 0, "idle": 0}, 3, 1.0)
+    # The single slot's first job, then the oldest of the unlimited tools.
+    assert sorted(job.id for job, _ in taken) == sorted([order[2], order[0], order[1]])
+    slots = db.execute("SELECT job_id FROM tool_slots WHERE tool = 'single'").fetchall()
+    assert slots == [(order[2],)]
+    with db.transaction():
+        rest = claims.claim(db, "w1", {"single": 1, "echo": 0, "date": 0, "idle": 0}, 5, 1.0)
+    assert [job.id for job, _ in rest] == [order[4]]  # the second single waits for its slot

@@ -8,18 +8,25 @@ message, 503-worthy errors while the server is down and a reconnection after, an
 from __future__ import annotations
 
 import json
+import os
+import signal
 import threading
+import time
 import urllib.request
+from pathlib import Path
 
+import jsonschema
 import psycopg
 import pytest
 import pytest_twisted
 
 from helpers import eventually, run_twistd, wait_until
-from twistnet.http import pgschema, pgstore
+from twistnet.http import claims, openapi, pgschema, pgstore
+from twistnet.http.api import ROUTES
 from twistnet.http.model import QUEUED, Job
 from twistnet.http.pgstore import PostgresJobStore, redacted
 from twistnet.http.store import StoreError, StoreUnavailable
+from twistnet.http.tools import BUILTIN_TOOLS
 
 pytest_plugins = ["pg_support"]
 
@@ -93,6 +100,62 @@ async def test_a_write_while_the_server_is_down_is_unavailable_then_works_again(
     await store.add(make_job(3))
     assert (await store.get(make_job(3).id)).status == QUEUED
     assert await store.get(make_job(2).id) is None
+
+
+def server_processes(server) -> list[int]:
+    """The postmaster and its children (backends, background workers)."""
+    postmaster = int((server.data / "postmaster.pid").read_text().split()[0])
+    children = Path(f"/proc/{postmaster}/task/{postmaster}/children").read_text().split()
+    return [postmaster, *map(int, children)]
+
+
+@pytest_twisted.ensureDeferred
+async def test_health_says_unreachable_within_a_second_when_the_server_hangs(
+    store, postgres_server
+):
+    assert await store.reachable() is True
+    frozen = server_processes(postgres_server)
+    for pid in frozen:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        asked = time.monotonic()
+        assert await store.reachable() is False
+        assert time.monotonic() - asked < pgstore.HEALTH_TIMEOUT + 0.5
+    finally:
+        for pid in frozen:
+            os.kill(pid, signal.SIGCONT)
+    assert await store.reachable() is True
+
+
+def test_health_with_a_store_field_matches_the_openapi_schema():
+    schema = openapi.document(BUILTIN_TOOLS, False, ROUTES)["components"]["schemas"]["Health"]
+    health = {"status": "ok", "queued": 0, "running": 0, "workers": 1, "queue_size": 5}
+    for store in ("reachable", "unreachable"):
+        jsonschema.validate({**health, "store": store}, schema)
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate({**health, "store": "maybe"}, schema)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_refused_submission_in_a_batch_fails_alone(store):
+    entered, held = threading.Event(), threading.Event()
+    # The writer waits in this write: the submissions below queue up into one batch.
+    blocked = store.write(lambda db: entered.set() or held.wait(5))
+    assert entered.wait(5)
+    good, bad, other = make_job(1), make_job(2).evolve(params={"text": "\0"}), make_job(3)
+    answers = [
+        store.write_many(claims.enqueue_many, (job, None)).addErrback(lambda f: f.value)
+        for job in (good, bad, other)
+    ]
+    held.set()
+    await blocked
+    results = [await answer for answer in answers]
+    assert results[0] is None and results[2] is None
+    assert isinstance(results[1], psycopg.DataError)
+    assert (await store.get(good.id)).status == QUEUED
+    assert (await store.get(other.id)).status == QUEUED
+    assert await store.get(bad.id) is None
+    assert store.commits == 2 and store.committed_operations == 4
 
 
 @pytest_twisted.ensureDeferred

@@ -12,6 +12,7 @@ import pytest
 import pytest_twisted
 from twisted.internet import defer
 
+from http_support import make_runner
 from twistnet.http.model import FAILED, QUEUED, RUNNING, SUCCEEDED, Job
 from twistnet.http.pgstore import PostgresJobStore
 from twistnet.http.store import IJobStore, SQLiteJobStore, StoreError
@@ -68,6 +69,51 @@ async def test_jobs_added_together_share_one_commit(open_store):
     assert store.commits < 30, f"{store.commits} commits for 300 jobs: no grouping"
     jobs, cursor = await store.list(limit=500)
     assert len(jobs) == 300 and cursor is None
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_known_idempotency_key_stores_nothing_and_answers_the_first_job(open_store):
+    store = open_store()
+    first = make_job(1)
+    assert await store.add(first, "order-1") is None
+    retries = await defer.gatherResults(
+        [store.add(make_job(2), "order-1"), store.add(make_job(3), "order-1")]
+    )
+    assert [job.id for job in retries] == [first.id, first.id]
+    assert await store.get(make_job(2).id) is None and await store.get(make_job(3).id) is None
+    assert await store.add(make_job(4), "order-2") is None
+    assert await store.add(make_job(5)) is None and await store.add(make_job(6)) is None
+    jobs, _ = await store.list()
+    assert sorted(int(job.id, 16) for job in jobs) == [1, 4, 5, 6]
+    again = open_store("jobs.db")  # the key outlives the process that stored it
+    assert (await again.add(make_job(7), "order-1")).id == first.id
+
+
+def test_a_sqlite_file_made_before_idempotency_keys_gets_the_column(tmp_path, reactor):
+    with sqlite3.connect(tmp_path / "old.db") as old:
+        old.execute("CREATE TABLE jobs (seq INTEGER PRIMARY KEY, id TEXT NOT NULL UNIQUE,"
+                    " tool TEXT NOT NULL, params TEXT NOT NULL, status TEXT NOT NULL,"
+                    " timeout REAL NOT NULL, created REAL NOT NULL, started REAL, finished REAL,"
+                    " exit_code INTEGER, result TEXT, error TEXT, truncated INTEGER NOT NULL"
+                    " DEFAULT 0, output_size INTEGER NOT NULL DEFAULT 0, pid INTEGER)")  # fmt: skip
+    store = SQLiteJobStore(tmp_path / "old.db", reactor)
+    columns = [row[1] for row in store._db.execute("PRAGMA table_info(jobs)")]
+    store._db.close()
+    assert columns[-1] == "idempotency_key"
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_retry_with_the_same_key_is_the_same_job_on_sqlite(tmp_path, reactor):
+    store = SQLiteJobStore(tmp_path / "jobs.db", reactor)
+    store.startService()
+    runner, _, _ = make_runner(workers=0, store=store)
+    try:
+        first = await runner.submit(make_job(1), idempotency_key="order-9")
+        retry = await runner.submit(make_job(2), idempotency_key="order-9")
+        assert retry.id == first.id == make_job(1).id
+        assert [job.id for job in runner.queue] == [first.id]
+    finally:
+        await store.stopService()
 
 
 @pytest_twisted.ensureDeferred

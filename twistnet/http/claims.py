@@ -76,27 +76,53 @@ def retire(db: psycopg.Connection, worker: str) -> None:
     db.execute("DELETE FROM workers WHERE id = %s", (worker,))
 
 
+#: The PostgreSQL type of each job column and of the idempotency key, for C{unnest}.
+_TYPES = (
+    "text, text, jsonb, text, float8, float8, float8, float8, int4, jsonb, text, bool, int8,"
+    " int4, text"
+).split(", ")
+_ENQUEUE = (
+    f"INSERT INTO jobs ({JOB_COLUMNS}, idempotency_key)"  # noqa: S608 - constants only
+    f" SELECT * FROM unnest({', '.join(f'%s::{kind}[]' for kind in _TYPES)})"
+    " ON CONFLICT (idempotency_key) DO NOTHING RETURNING id"
+)
+
+
 def enqueue(db: psycopg.Connection, job: Job, idempotency_key: str | None) -> Job | None:
+    """L{enqueue_many} of one job."""
+    return enqueue_many(db, [(job, idempotency_key)])[0]
+
+
+def enqueue_many(
+    db: psycopg.Connection, submissions: list[tuple[Job, str | None]]
+) -> list[Job | None]:
     """
-    Store a new job and wake the workers of its tool; with an C{idempotency_key} already
-    used, store nothing and return the job that key made (a client's retry gets the same
-    job). NOTIFY is sent at commit, and identical notifications of one transaction are
-    folded into one, so a group commit of many submissions wakes workers once per tool.
+    Store new jobs in one statement and wake the workers of their tools; for each, None, or
+    the job its C{idempotency_key} already made (then nothing is stored: a client's retry
+    gets the same job; two submissions of one batch with the same key get the first's job).
+
+    One INSERT of arrays for the whole batch and one NOTIFY per tool, sent at commit: a
+    statement per job would cost a round trip per job, and NOTIFY serializes committing
+    transactions (identical notifications of one transaction are folded anyway).
     """
-    row = db.execute(
-        f"INSERT INTO jobs ({JOB_COLUMNS}, idempotency_key)"  # noqa: S608 - constants only
-        f" VALUES ({', '.join(['%s'] * 15)})"
-        " ON CONFLICT (idempotency_key) DO NOTHING RETURNING id",
-        (*pg_row(job), idempotency_key),
-    ).fetchone()
-    if row is None:
-        found = db.execute(
-            f"SELECT {JOB_COLUMNS} FROM jobs WHERE idempotency_key = %s",  # noqa: S608
-            (idempotency_key,),
-        ).fetchone()
-        return pg_job(found)
-    db.execute("SELECT pg_notify(%s, %s)", (QUEUED_CHANNEL, job.tool))
-    return None
+    rows = [(*pg_row(job), key) for job, key in submissions]
+    columns = [list(column) for column in zip(*rows, strict=True)]
+    inserted = {row[0] for row in db.execute(_ENQUEUE, columns)}
+    keys = [key for job, key in submissions if job.id not in inserted]
+    existing: dict[str, Job] = {}
+    if keys:
+        for row in db.execute(
+            f"SELECT idempotency_key, {JOB_COLUMNS} FROM jobs"  # noqa: S608 - constants only
+            " WHERE idempotency_key = ANY(%s)",
+            (keys,),
+        ):
+            existing[row[0]] = pg_job(row[1:])
+    tools = sorted({job.tool for job, _ in submissions if job.id in inserted})
+    if tools:
+        db.execute(
+            "SELECT pg_notify(%s, tool) FROM unnest(%s::text[]) tool", (QUEUED_CHANNEL, tools)
+        )
+    return [None if job.id in inserted else existing[key] for job, key in submissions]
 
 
 def claim(
@@ -109,54 +135,65 @@ def claim(
 ) -> list[tuple[Job, int]]:
     """
     Take up to C{capacity} queued jobs of the C{tools} this worker declares (name: its
-    limit, 0 for none), oldest first per tool, and mark them running here; each with its
-    attempt number, the fence of every later write.
+    limit, 0 for none), and mark them running here; each with its attempt number, the
+    fence of every later write. Jobs of limited tools first (each needs a slot), then the
+    oldest of all the unlimited tools in one statement: a claim costs a few round trips,
+    however many tools a worker declares.
 
     Guarantees: a job is taken by one claimer (SKIP LOCKED: a row another transaction has
     locked is skipped, not waited for, and re-checked as no longer queued once it commits);
     only by a worker whose lease is valid by the database's clock; and a limited tool's job
     only with a free slot, locked and filled in the same transaction.
     """
-    alive = db.execute(
-        "SELECT 1 FROM workers WHERE id = %s AND expires > now()", (worker,)
-    ).fetchone()
-    if alive is None:
-        return []
     claimed: list[tuple[Job, int]] = []
     for tool, limit in tools.items():
         wanted = capacity - len(claimed)
-        if wanted <= 0:
-            break
-        slots: list[int] = []
-        if limit:
-            slots = [
-                row[0]
-                for row in db.execute(
-                    "SELECT slot FROM tool_slots WHERE tool = %s AND slot <= %s"
-                    " AND job_id IS NULL ORDER BY slot LIMIT %s FOR UPDATE SKIP LOCKED",
-                    (tool, limit, wanted),
-                )
-            ]
-            wanted = len(slots)
-            if not wanted:
-                continue
-        rows = db.execute(
-            f"UPDATE jobs j SET status = %s, worker = %s, attempt = j.attempt + 1,"  # noqa: S608
-            " started = %s, cancel_requested = false, host = %s"
-            " FROM (SELECT seq FROM jobs WHERE status = %s AND tool = %s"
-            "       ORDER BY seq LIMIT %s FOR UPDATE SKIP LOCKED) picked"
-            f" WHERE j.seq = picked.seq RETURNING {_J}, j.attempt",
-            (RUNNING, worker, started, host, QUEUED, tool, wanted),
-        ).fetchall()
-        # A re-run (of a retry-safe job) starts its output afresh.
-        db.execute("DELETE FROM job_output WHERE job_id = ANY(%s)", ([row[0] for row in rows],))
-        for slot, row in zip(slots, rows, strict=False):
-            db.execute(
-                "UPDATE tool_slots SET job_id = %s WHERE tool = %s AND slot = %s",
-                (row[0], tool, slot),
+        if not limit or wanted <= 0:
+            continue
+        slots = [
+            row[0]
+            for row in db.execute(
+                "SELECT slot FROM tool_slots WHERE tool = %s AND slot <= %s"
+                " AND job_id IS NULL ORDER BY slot LIMIT %s FOR UPDATE SKIP LOCKED",
+                (tool, limit, wanted),
             )
-        claimed.extend((pg_job(row[:-1]), row[-1]) for row in rows)
+        ]
+        if not slots:
+            continue
+        taken = _take(db, worker, [tool], len(slots), started, host)
+        if taken:
+            db.execute(
+                "UPDATE tool_slots s SET job_id = v.job_id"
+                " FROM unnest(%s::int[], %s::text[]) v(slot, job_id)"
+                " WHERE s.tool = %s AND s.slot = v.slot",
+                (slots[: len(taken)], [job.id for job, _ in taken], tool),
+            )
+        claimed += taken
+    unlimited = sorted(tool for tool, limit in tools.items() if not limit)
+    if unlimited and capacity > len(claimed):
+        claimed += _take(db, worker, unlimited, capacity - len(claimed), started, host)
+    if claimed:
+        # A re-run (of a retry-safe job) starts its output afresh.
+        db.execute(
+            "DELETE FROM job_output WHERE job_id = ANY(%s)", ([job.id for job, _ in claimed],)
+        )
     return claimed
+
+
+def _take(
+    db: psycopg.Connection, worker: str, tools: list[str], wanted: int, started: float, host: str
+) -> list[tuple[Job, int]]:
+    """Mark up to C{wanted} of the oldest queued jobs of C{tools} running as C{worker}'s."""
+    rows = db.execute(
+        f"UPDATE jobs j SET status = %s, worker = %s, attempt = j.attempt + 1,"  # noqa: S608
+        " started = %s, cancel_requested = false, host = %s"
+        " FROM (SELECT seq FROM jobs WHERE status = %s AND tool = ANY(%s)"
+        "       AND EXISTS (SELECT 1 FROM workers WHERE id = %s AND expires > now())"
+        "       ORDER BY seq LIMIT %s FOR UPDATE SKIP LOCKED) picked"
+        f" WHERE j.seq = picked.seq RETURNING {_J}, j.attempt",
+        (RUNNING, worker, started, host, QUEUED, tools, worker, wanted),
+    ).fetchall()
+    return [(pg_job(row[:-1]), row[-1]) for row in rows]
 
 
 def fenced_update(db: psycopg.Connection, job: Job, worker: str, attempt: int) -> bool:

@@ -433,7 +433,7 @@ class ClusterRunner(LocalRunner):
             self._reserved -= 1
             return failure
 
-        return self.db.write(lambda db: claims.enqueue(db, job, idempotency_key)).addCallbacks(
+        return self.db.write_many(claims.enqueue_many, (job, idempotency_key)).addCallbacks(
             stored, not_stored
         )
 

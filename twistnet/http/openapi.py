@@ -230,6 +230,10 @@ def operations(token_required: bool) -> dict[str, dict[str, Any]]:
                 "responses": {
                     "200": {"description": "Serving.", "content": _json("Health")},
                     **_errors(),
+                    "503": {
+                        "description": "The job database (PostgreSQL) is out of reach.",
+                        "content": _json("Health"),
+                    },
                 },
             }
         },
@@ -322,6 +326,10 @@ def document(tools: Iterable[Tool], token_required: bool, routes: RouteTable) ->
                     "running": {"type": "integer"},
                     "workers": {"type": "integer"},
                     "queue_size": {"type": "integer"},
+                    "store": {
+                        "description": "Only with a PostgreSQL store: did it answer within 1 s?",
+                        "enum": ["reachable", "unreachable"],
+                    },
                 },
             },
         },

@@ -19,6 +19,7 @@ A lost connection fails the operations in flight with L{StoreUnavailable} (the A
 
 from __future__ import annotations
 
+import itertools
 import queue
 import threading
 import time
@@ -54,11 +55,13 @@ PRUNE_BATCH = 1000
 CONNECT_TIMEOUT = 5
 #: A connection idle this many seconds is checked before a batch uses it.
 IDLE_CHECK = 1.0
+#: Seconds /healthz waits for the database: a monitor's probe must not hang for
+#: CONNECT_TIMEOUT (or for ever, on a server that stopped answering) to learn it is down.
+HEALTH_TIMEOUT = 1.0
 
 _TERMINAL = sorted(TERMINAL)
 _COLUMNS = JOB_COLUMNS
 _SELECT = f"SELECT {_COLUMNS} FROM jobs"  # noqa: S608 - constants only
-_INSERT = f"INSERT INTO jobs ({_COLUMNS}) VALUES ({', '.join(['%s'] * 14)})"  # noqa: S608
 _UPDATE = "UPDATE jobs SET {} WHERE id = %s".format(  # noqa: S608
     ", ".join(f"{name.strip()} = %s" for name in _COLUMNS.split(",")[1:])
 )
@@ -90,6 +93,28 @@ _job = pgschema.pg_job
 
 
 _STOP = object()
+
+
+class Batched(Operation):
+    """
+    An operation that a lane may run together with its neighbours of the same kind, in one
+    statement: C{many(connection, [argument, ...])} answers each argument in order.
+    """
+
+    __slots__ = ("argument", "many")
+
+    def __init__(self, many: Callable[[psycopg.Connection, list], list], argument: Any) -> None:
+        super().__init__(lambda db: many(db, [argument])[0])
+        self.many = many
+        self.argument = argument
+
+
+class _Refused(Exception):
+    """A batched call failed: its transaction is to be run again, each operation alone."""
+
+
+def _kind(op: Operation) -> Any:
+    return getattr(op, "many", None)
 
 
 class Lane:
@@ -127,9 +152,11 @@ class Lane:
         return self._stopped
 
     def submit(self, function: Callable[[psycopg.Connection], Any]) -> defer.Deferred[Any]:
+        return self.put(Operation(function))
+
+    def put(self, op: Operation) -> defer.Deferred[Any]:
         if not self._thread.is_alive() or self._closing:
             return defer.fail(StoreError("the job store is not running"))
-        op = Operation(function)
         self._queue.put(op)
         return op.deferred
 
@@ -177,9 +204,10 @@ class Lane:
         try:
             db = self._connection()
             if self._transactional:
-                with db.transaction():
-                    for op in operations:
-                        self._run(db, op, savepoint=True)
+                try:
+                    self._commit(db, operations, careful=False)
+                except _Refused:
+                    self._commit(db, operations, careful=True)
                 self.commits += 1
                 self.committed_operations += len(operations)
             else:
@@ -201,6 +229,21 @@ class Lane:
             self._close()
         self._reactor.callFromThread(self._deliver, operations)
 
+    def _commit(self, db: psycopg.Connection, operations: list[Operation], careful: bool) -> None:
+        """
+        One transaction of the batch. Neighbouring L{Batched} operations run as one call
+        without a savepoint (two round trips fewer), unless C{careful}: when that call
+        fails, L{_Refused} rolls the whole transaction back, to be run again carefully,
+        each operation in its own savepoint, so that only the refused one fails.
+        """
+        with db.transaction():
+            for kind, group in itertools.groupby(operations, _kind):
+                if kind is None or careful:
+                    for op in group:
+                        self._run(db, op, savepoint=True)
+                else:
+                    self._run_many(db, kind, list(group))
+
     @staticmethod
     def _run(db: psycopg.Connection, op: Operation, savepoint: bool) -> None:
         try:
@@ -214,6 +257,17 @@ class Lane:
             raise  # the connection is gone: the whole batch failed
         except Exception:
             op.result = Failure()
+
+    @staticmethod
+    def _run_many(db: psycopg.Connection, many: Callable, group: list[Batched]) -> None:
+        try:
+            results = many(db, [op.argument for op in group])
+        except (psycopg.OperationalError, psycopg.InterfaceError):
+            raise  # the connection is gone: the whole batch failed
+        except Exception as error:
+            raise _Refused from error
+        for op, result in zip(group, results, strict=True):
+            op.result, op.succeeded = result, True
 
     @staticmethod
     def _deliver(operations: list[Operation]) -> None:
@@ -334,15 +388,23 @@ class PostgresJobStore(Service):
         """Run C{function(connection)} in the writer's next transaction; fires once committed."""
         return self._writer.submit(function).addErrback(_unavailable)
 
+    def write_many(
+        self, many: Callable[[psycopg.Connection, list], list], argument: Any
+    ) -> defer.Deferred[Any]:
+        """
+        Like L{write} of C{many(connection, [argument])[0]}, but the writer runs neighbouring
+        calls of the same C{many} as one call (one statement for a burst of submissions).
+        """
+        return self._writer.put(Batched(many, argument)).addErrback(_unavailable)
+
     def read(self, function: Callable[[psycopg.Connection], Any]) -> defer.Deferred[Any]:
         """Run C{function(connection)} on the reader's connection (autocommit)."""
         return self._reader.submit(function).addErrback(_unavailable)
 
     # --- IJobStore ------------------------------------------------------------------------
 
-    def add(self, job: Job) -> defer.Deferred[None]:
-        row = _row(job)
-        return self.write(lambda db: db.execute(_INSERT, row) and None)
+    def add(self, job: Job, idempotency_key: str | None = None) -> defer.Deferred[Job | None]:
+        return self.write_many(claims.enqueue_many, (job, idempotency_key))
 
     def update(self, job: Job) -> defer.Deferred[None]:
         row = _row(job)
@@ -403,10 +465,10 @@ class PostgresJobStore(Service):
         return ChunkWriter(self, job_id)
 
     def reachable(self) -> defer.Deferred[bool]:
-        """Does the database answer (for /healthz)?"""
-        return self.read(lambda db: db.execute("SELECT 1").fetchone() == (1,)).addErrback(
-            lambda _: False
-        )
+        """Does the database answer within L{HEALTH_TIMEOUT} (for /healthz)?"""
+        asked = self.read(lambda db: db.execute("SELECT 1").fetchone() == (1,))
+        # Cancelled at the timeout: the reader's late answer is then dropped by the Deferred.
+        return asked.addTimeout(HEALTH_TIMEOUT, self._reactor).addErrback(lambda _: False)
 
     def fetch_output(self, job_id: str, offset: int = 0, size: int = -1) -> defer.Deferred[bytes]:
         def query(db: psycopg.Connection) -> bytes:

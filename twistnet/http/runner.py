@@ -441,15 +441,15 @@ class LocalRunner(Service):
         return len(self.queue) + self._reserved
 
     def submit(self, job: Job, idempotency_key: str | None = None) -> defer.Deferred[Job]:
-        # The key is the PostgreSQL store's (ClusterRunner): a SQLite commit is local, so its
-        # outcome is never left unknown by a lost database connection.
         if self.queue_depth() >= self.queue_size:
             # Jobs leave the queue whenever a worker frees up: ask for a short, polite pause.
             return defer.fail(QueueFull(retry_after=1))
         self._reserved += 1
 
-        def queued(_: None) -> Job:
+        def queued(existing: Job | None) -> Job:
             self._reserved -= 1
+            if existing is not None:
+                return existing  # a retry: the key's first job, queued (or run) already
             self.queue.append(job)
             self._pump()
             return job
@@ -458,7 +458,10 @@ class LocalRunner(Service):
             self._reserved -= 1
             return failure
 
-        return self.store.add(job).addCallbacks(queued, not_stored)
+        added = (
+            self.store.add(job) if idempotency_key is None else self.store.add(job, idempotency_key)
+        )
+        return added.addCallbacks(queued, not_stored)
 
     def is_active(self, job_id: str) -> bool:
         return job_id in self.active or any(job.id == job_id for job in self.queue)

@@ -59,8 +59,12 @@ def _unavailable(failure: Failure) -> Failure:
 class IJobStore(Interface):
     """Durable jobs and their output. Every method returns a Deferred unless noted."""
 
-    def add(job: Job) -> defer.Deferred[None]:
-        """Store a new job; fires once it is durable."""
+    def add(job: Job, idempotency_key: str | None = None) -> defer.Deferred[Job | None]:
+        """
+        Store a new job; fires with None once it is durable. With an C{idempotency_key}
+        another job was stored with, store nothing and fire with that job instead (a
+        client's retry gets the job its first attempt made).
+        """
 
     def update(job: Job) -> defer.Deferred[None]:
         """Store a job's new state; fires once it is durable."""
@@ -103,6 +107,10 @@ _UPDATE = "UPDATE jobs SET {} WHERE id = ?".format(  # noqa: S608
     ", ".join(f"{name.strip()} = ?" for name in _COLUMNS.split(",")[1:])
 )
 _SELECT = f"SELECT {_COLUMNS} FROM jobs"  # noqa: S608
+_INSERT_KEYED = (
+    f"INSERT INTO jobs ({_COLUMNS}, idempotency_key) VALUES ({', '.join('?' * 15)})"  # noqa: S608
+    " ON CONFLICT (idempotency_key) DO NOTHING"
+)
 _TERMINAL = sorted(TERMINAL)
 _PRUNABLE = f"finished < ? AND status IN ({', '.join('?' * len(_TERMINAL))})"
 _SELECT_PRUNABLE = "SELECT id FROM jobs WHERE " + _PRUNABLE  # noqa: S608
@@ -124,7 +132,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     error TEXT,
     truncated INTEGER NOT NULL DEFAULT 0,
     output_size INTEGER NOT NULL DEFAULT 0,
-    pid INTEGER
+    pid INTEGER,
+    idempotency_key TEXT
 );
 CREATE INDEX IF NOT EXISTS jobs_by_status ON jobs (status, seq);
 CREATE INDEX IF NOT EXISTS jobs_by_tool ON jobs (tool, seq);
@@ -208,6 +217,15 @@ _row = job_row
 _job = job_from_row
 
 
+def _add_idempotency_keys(db: sqlite3.Connection) -> None:
+    """Give a database made before Idempotency-Key its column (NULL for old jobs) and index."""
+    columns = {row[1] for row in db.execute("PRAGMA table_info(jobs)")}
+    if "idempotency_key" not in columns:
+        db.execute("ALTER TABLE jobs ADD COLUMN idempotency_key TEXT")
+    # Unique where set: NULLs (jobs sent without a key) never conflict.
+    db.execute("CREATE UNIQUE INDEX IF NOT EXISTS jobs_by_key ON jobs (idempotency_key)")
+
+
 class Operation:
     """
     One call to run on a store's thread with its connection, and the Deferred that hears
@@ -260,6 +278,7 @@ class SQLiteJobStore(Service):
             # group commit pays that once per batch.
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.executescript(_SCHEMA)
+            _add_idempotency_keys(self._db)
         except (OSError, sqlite3.Error) as error:
             raise StoreError(f"cannot open the job database {self.path}: {error}") from None
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
@@ -361,12 +380,28 @@ class SQLiteJobStore(Service):
 
     # --- IJobStore ----------------------------------------------------------------------
 
-    def add(self, job: Job) -> defer.Deferred[None]:
+    def add(self, job: Job, idempotency_key: str | None = None) -> defer.Deferred[Job | None]:
         row = _row(job)
-        self._remember(job)
-        return self._submit(lambda db: db.execute(_INSERT, row) and None, write=True).addErrback(
-            _unavailable
-        )
+        if idempotency_key is None:
+            self._remember(job)
+            return self._submit(
+                lambda db: db.execute(_INSERT, row) and None, write=True
+            ).addErrback(_unavailable)
+
+        def insert(db: sqlite3.Connection) -> Job | None:
+            if db.execute(_INSERT_KEYED, (*row, idempotency_key)).rowcount:
+                return None
+            found = db.execute(_SELECT + " WHERE idempotency_key = ?", (idempotency_key,))
+            return _job(found.fetchone())
+
+        def stored(existing: Job | None) -> Job | None:
+            # Remembered only once stored: a retry's job never exists, so must not be served.
+            if existing is None:
+                self._remember(job)
+                return None
+            return self._cache.get(existing.id, existing)
+
+        return self._submit(insert, write=True).addCallbacks(stored, _unavailable)
 
     def update(self, job: Job) -> defer.Deferred[None]:
         row = _row(job)
