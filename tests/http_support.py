@@ -33,12 +33,19 @@ class MemoryStore:
     def __init__(self, jobs=()):
         self.jobs = {job.id: job for job in jobs}
         self.outputs: dict[str, bytearray] = {}
+        self.keyed: dict[str, str] = {}
 
-    def add(self, job):
+    def add(self, job, idempotency_key=None):
+        """As IJobStore.add: a key stored before answers its job and stores nothing."""
+        if idempotency_key in self.keyed:
+            return defer.succeed(self.jobs[self.keyed[idempotency_key]])
+        if idempotency_key is not None:
+            self.keyed[idempotency_key] = job.id
+        return self.update(job)
+
+    def update(self, job):
         self.jobs[job.id] = job
         return defer.succeed(None)
-
-    update = add
 
     def get(self, job_id):
         return defer.succeed(self.jobs.get(job_id))

@@ -482,3 +482,23 @@ def test_tools_health_and_metrics():
     assert 'twistnet_http_requests_total{method="POST",route="/jobs",status="202"} 1.0' in text
     assert 'twistnet_http_jobs{status="queued"} 0.0' in text
     assert 'twistnet_http_job_duration_seconds_count{tool="echo"} 1.0' in text
+
+
+def test_the_documented_idempotency_key_is_the_one_the_server_takes():
+    import re
+
+    (header,) = openapi.operations(False)["/jobs"]["post"]["parameters"]
+    assert (header["name"], header["in"]) == ("Idempotency-Key", "header")
+    documented = re.compile(header["schema"]["pattern"])
+    api = StubApi()
+    for key, takes in [("k" * 255, True), ("!~", True), ("k" * 256, False), ("a b", False)]:
+        assert bool(documented.match(key)) is takes
+        code, _, _ = api.call(
+            "POST",
+            "/jobs",
+            body={"tool": "date"},
+            headers={b"Idempotency-Key": [key.encode()]},
+        )
+        assert code == (202 if takes else 400), key
+    retry = api.call("POST", "/jobs", body={"tool": "date"}, headers={b"Idempotency-Key": [b"!~"]})
+    assert json.loads(retry[2])["id"] == api.store.keyed["!~"]  # the first job, not a new one

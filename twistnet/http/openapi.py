@@ -120,6 +120,15 @@ def operations(token_required: bool) -> dict[str, dict[str, Any]]:
                 "operationId": "submitJob",
                 "summary": "Submit a job; it is stored durably before the 202 is sent.",
                 "security": secured,
+                "parameters": [
+                    {
+                        "name": "Idempotency-Key",
+                        "in": "header",
+                        "description": "A retry with the same key answers the job the first "
+                        "request made instead of making a second one.",
+                        "schema": {"type": "string", "pattern": "^[!-~]{1,255}$"},
+                    }
+                ],
                 "requestBody": {"required": True, "content": _json("JobRequest")},
                 "responses": {
                     "202": {
