@@ -191,6 +191,20 @@ def test_a_malformed_request_is_a_json_400():
         assert json.loads(body)["error"] == "bad request"
 
 
+def test_headers_over_twisted_webs_limits_are_a_json_400():
+    # 501 headers (twisted.web's maxHeaders is 500), and 17 KiB of valid headers (its
+    # totalHeadersSize is 16 KiB): each is refused before any handler runs.
+    many = b"".join(b"X-%d: v\r\n" % n for n in range(501))
+    large = b"".join(b"X-%d: %s\r\n" % (n, b"v" * 1000) for n in range(17))
+    for headers in (many, large):
+        site, _ = make_site()
+        proto, transport = connect(site)
+        proto.dataReceived(b"GET / HTTP/1.1\r\nHost: x\r\n" + headers + b"\r\n")
+        status, body = status_and_body(transport)
+        assert status == 400
+        assert json.loads(body)["error"] == "bad request"
+
+
 def test_at_max_connections_the_longest_waiting_makes_room_and_a_fresh_burst_is_refused():
     site, reactor = make_site()
     waiting = [connect(site, 45000 + n) for n in range(1000)]
