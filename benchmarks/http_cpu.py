@@ -15,7 +15,7 @@ import statistics
 import subprocess
 from pathlib import Path
 
-from benchmarks.processes import Missing, Server, require_tool
+from benchmarks.processes import Missing, Server, python_peer, require_tool
 from benchmarks.workloads import HttpState, JobServer, http_peer, parse_wrk
 
 #: wrk connections: enough to keep one server core busy, few enough for a shared 2-core box.
@@ -36,11 +36,20 @@ def contenders(
     servers["bare twisted.web"] = http_peer("bare twisted.web", "http_twisted_web.py", state)(
         workdir / "web"
     )
+    servers["bare twisted.web + httptools"] = Server(
+        "bare twisted.web + httptools",
+        # The body file is known once twistnet-http has started: the argv is filled in then.
+        [],
+        workdir / "httptools",
+    )
     servers["bare aiohttp"] = http_peer("bare aiohttp", "http_aiohttp.py", state, "aiohttp")(
         workdir / "aiohttp"
     )
     started = {}
     for name, server in servers.items():
+        if name == "bare twisted.web + httptools":
+            script = ("http_twisted_web.py", "0", str(state.body_file), "httptools")
+            server.argv = python_peer(*script)
         try:
             server.start()
             started[name] = server
