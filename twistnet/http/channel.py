@@ -81,8 +81,10 @@ class JobRequest(server.Request):
         self.channel.hold()
         try:
             super().write(data)
-        finally:
-            self.channel.release()
+        except BaseException:
+            self.channel.release(send=False)  # never half a head on the wire
+            raise
+        self.channel.release()
 
 
 class JobChannel(JsonBadRequestChannel):
@@ -107,14 +109,14 @@ class JobChannel(JsonBadRequestChannel):
         """Gather what is written until L{release}: a response's head and its first bytes."""
         self._held = []
 
-    def release(self) -> None:
+    def release(self, send: bool = True) -> None:
         """
         Send what was held at once, in one piece: twisted.web would queue the head and the
         body for the reactor's next turn, which costs a write-readiness round trip (two
         epoll changes and a dispatch) per response; one send also keeps them in one packet.
         """
         held, self._held = self._held, None
-        if held and self.transport is not None:
+        if send and held and self.transport is not None:
             write_now(self.transport, b"".join(held))
 
     def writeHeaders(self, version, code, reason, headers) -> None:
