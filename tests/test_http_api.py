@@ -458,6 +458,23 @@ def test_openapi_document_validates_and_lists_every_route():
             assert api.call("GET", declared.template.replace("{id}", job_id))[0] == 200
 
 
+def test_healthz_follows_the_queue_between_probes():
+    api = StubApi(workers=1, queue_size=100)
+    assert api.json("GET", "/healthz")[2]["queued"] == 0
+    first = api.submit("echo", {"text": "a"})
+    api.submit("echo", {"text": "b"})
+    assert api.json("GET", "/healthz")[2] == {
+        "status": "ok",
+        "queued": 1,
+        "running": 1,
+        "workers": 1,
+        "queue_size": 100,
+    }
+    api.run(first, b"a\n")
+    health = api.json("GET", "/healthz")[2]
+    assert (health["queued"], health["running"]) == (0, 1)
+
+
 def test_tools_health_and_metrics():
     api = StubApi(workers=2, queue_size=100)
     _, _, tools = api.json("GET", "/tools")

@@ -73,6 +73,34 @@ def test_server_header_names_no_version():
     assert b"TwistedWeb" not in transport.value()
 
 
+class WriteCounting(StringTransport):
+    """A StringTransport that records each write, to see how a response is cut up."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.writes: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        self.writes.append(data)
+        super().write(data)
+
+    def writeSequence(self, data) -> None:
+        self.write(b"".join(data))
+
+
+def test_a_response_head_and_body_leave_in_one_write_and_head_alone_for_head():
+    site, _ = make_site()
+    address = IPv4Address("TCP", "127.0.0.1", 40000)
+    proto = site.buildProtocol(address)
+    transport = WriteCounting(peerAddress=address, hostAddress=address)
+    proto.makeConnection(transport)
+    proto.dataReceived(GET + GET.replace(b"GET", b"HEAD"))
+    first, second = transport.writes
+    assert first.startswith(b"HTTP/1.1 200 OK\r\n") and first.endswith(b"\r\n\r\nhello")
+    assert second.startswith(b"HTTP/1.1 200 OK\r\n") and second.endswith(b"\r\n\r\n")
+    assert b"Content-Length: 5\r\n" in second
+
+
 def test_requests_beyond_max_requests_get_a_json_503_and_the_rest_are_served():
     site, _ = make_site()
     held = []
@@ -159,6 +187,20 @@ def test_a_malformed_request_is_a_json_400():
         site, _ = make_site()
         proto, transport = connect(site)
         proto.dataReceived(request)
+        status, body = status_and_body(transport)
+        assert status == 400
+        assert json.loads(body)["error"] == "bad request"
+
+
+def test_headers_over_twisted_webs_limits_are_a_json_400():
+    # 501 headers (twisted.web's maxHeaders is 500), and 17 KiB of valid headers (its
+    # totalHeadersSize is 16 KiB): each is refused before any handler runs.
+    many = b"".join(b"X-%d: v\r\n" % n for n in range(501))
+    large = b"".join(b"X-%d: %s\r\n" % (n, b"v" * 1000) for n in range(17))
+    for headers in (many, large):
+        site, _ = make_site()
+        proto, transport = connect(site)
+        proto.dataReceived(b"GET / HTTP/1.1\r\nHost: x\r\n" + headers + b"\r\n")
         status, body = status_and_body(transport)
         assert status == 400
         assert json.loads(body)["error"] == "bad request"

@@ -1,4 +1,7 @@
-"""The ceiling for twisted.web: a bare leaf resource answering GET /jobs/ID with fixed JSON."""
+"""
+The ceiling for twisted.web: a bare leaf resource answering GET /jobs/ID with fixed JSON.
+A third argument, C{httptools}, parses requests with the prototype of httptools_channel.py.
+"""
 
 import sys
 from pathlib import Path
@@ -21,6 +24,10 @@ root = resource.Resource()
 root.putChild(b"jobs", Jobs())
 site = server.Site(root)
 site.displayTracebacks = False
+if sys.argv[3:] == ["httptools"]:
+    from httptools_channel import HttptoolsChannel
+
+    site.protocol = HttptoolsChannel
 port = reactor.listenTCP(int(sys.argv[1]), site, interface="127.0.0.1")
 print(f"twisted-web listening on 127.0.0.1:{port.getHost().port}", flush=True)
 reactor.run()

@@ -84,6 +84,8 @@ class JobApi(resource.Resource):
         self._rendered: collections.OrderedDict[str, bytes] = collections.OrderedDict()
         self._openapi = encode(openapi.document(tools.values(), bool(token), ROUTES))
         self._tools = encode({"tools": [tool.describe() for tool in tools.values()]})
+        #: The figures of the last /healthz of a local store, and its body.
+        self._health: tuple[tuple[int, ...] | None, bytes] = (None, b"")
         self._handlers: dict[str, dict[bytes, Callable[..., Any]]] = {
             template: {method: getattr(self, name) for method, name in methods.items()}
             for template, methods in _DISPATCH.items()
@@ -378,17 +380,16 @@ class JobApi(resource.Resource):
 
     @route("/healthz", "GET")
     def health(self, request: server.Request):
-        body = {
-            "status": "ok",
-            "queued": self.runner.queue_depth(),
-            "running": len(self.runner.active),
-            "workers": self.runner.workers,
-            "queue_size": self.runner.queue_size,
-        }
+        runner = self.runner
+        figures = (runner.queue_depth(), len(runner.active), runner.workers, runner.queue_size)
         # A store on a server (PostgreSQL) may be out of reach; a local file is not asked.
         reachable = getattr(self.store, "reachable", None)
         if reachable is None:
-            return (encode(body),)
+            # Encoded again only when a figure has changed: probes poll an idle service.
+            if self._health[0] != figures:
+                self._health = (figures, encode(_health(*figures)))
+            return (self._health[1],)
+        body = _health(*figures)
 
         def answer(ok: bool) -> None:
             body["store"] = "reachable" if ok else "unreachable"
@@ -401,6 +402,16 @@ class JobApi(resource.Resource):
     @route("/metrics", "GET")
     def prometheus(self, request: server.Request):
         return (generate_latest(self.metrics.registry), CONTENT_TYPE_LATEST.encode())
+
+
+def _health(queued: int, running: int, workers: int, queue_size: int) -> dict[str, Any]:
+    return {
+        "status": "ok",
+        "queued": queued,
+        "running": running,
+        "workers": workers,
+        "queue_size": queue_size,
+    }
 
 
 def _unavailable(detail: str = "The job store is unavailable; try again later.") -> ApiError:
