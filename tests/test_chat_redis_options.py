@@ -124,7 +124,7 @@ class Member:
 
 
 def room_with(*members: Member) -> RedisRoom:
-    room = RedisRoom(connect=lambda: None, clock=MemoryReactorClock())
+    room = RedisRoom(connect=lambda refused: None, clock=MemoryReactorClock())
     for i, member in enumerate(members):
         room._member_ids[member] = str(i)
         room._by_id[str(i)] = member

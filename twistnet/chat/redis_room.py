@@ -26,7 +26,7 @@ from attrs import frozen
 from twisted.application.service import Service
 from twisted.internet import defer, task
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IHandshakeListener, IReactorTime
 from twisted.logger import Logger
 from zope.interface import implementer
 
@@ -124,8 +124,12 @@ def parse_redis_url(url: str, password: str | None = None, ca: str | None = None
     )
 
 
-def connect(settings: RedisSettings):
-    """A lazily connecting, reconnecting txredisapi connection (one socket)."""
+def connect(settings: RedisSettings, refused: Callable[[str], None] = lambda why: None):
+    """
+    A lazily connecting, reconnecting txredisapi connection (one socket). Over TLS the
+    server's certificate must be signed by C{settings.ca} (else the system's CAs) and name
+    C{settings.host}; C{refused} hears why a handshake failed.
+    """
     common = dict(
         dbid=settings.db,
         password=settings.password,
@@ -135,18 +139,75 @@ def connect(settings: RedisSettings):
     )
     if settings.scheme == "unix":
         return txredisapi.lazyUnixConnection(settings.path, **common)
-    tls = False
-    if settings.scheme == "rediss":
-        from twisted.internet import ssl
+    if settings.scheme == "redis":
+        return txredisapi.lazyConnection(settings.host, settings.port, **common)
+    return _tls_connection(settings, refused)
 
-        trust = None
-        if settings.ca:
-            with open(settings.ca, "rb") as pem:
-                trust = ssl.Certificate.loadPEM(pem.read())
-        tls = ssl.optionsForClientTLS(settings.host, trustRoot=trust)
-    return txredisapi.lazyConnection(
-        settings.host, settings.port, ssl_context_factory=tls, **common
+
+def _tls_connection(settings: RedisSettings, refused: Callable[[str], None]):
+    """
+    txredisapi's own TLS path sends AUTH before the handshake is over, so a refused
+    certificate shows as "could not auth" and stops its reconnecting for good; this one logs
+    in once the handshake is done and reports why one failed.
+    """
+    from twisted.internet import reactor, ssl
+    from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+
+    trust = None
+    if settings.ca:
+        with open(settings.ca, "rb") as pem:
+            trust = ssl.Certificate.loadPEM(pem.read())
+    factory = txredisapi.RedisFactory(
+        f"{settings.host}:{settings.port}",
+        settings.db,
+        1,
+        True,
+        txredisapi.ConnectionHandler,
+        "utf-8",
+        settings.password,
+        None,
+        False,
+        settings.username,
     )
+    factory.protocol = _protocol_after_handshake(refused)
+    endpoint = HostnameEndpoint(reactor, settings.host, settings.port, timeout=COMMAND_TIMEOUT)
+    factory.startConnecting(
+        wrapClientTLS(ssl.optionsForClientTLS(settings.host, trustRoot=trust), endpoint)
+    )
+    return factory.handler
+
+
+def _protocol_after_handshake(refused: Callable[[str], None]) -> type:
+    @implementer(IHandshakeListener)
+    class AfterHandshake(txredisapi.RedisProtocol):
+        _secured = False
+
+        def connectionMade(self) -> None:
+            pass  # not yet: AUTH waits for the handshake
+
+        def handshakeCompleted(self) -> None:
+            self._secured = True
+            super().connectionMade()
+
+        def connectionLost(self, why) -> None:
+            if not self._secured:
+                refused(f"TLS handshake failed: {_tls_reason(why.value)}")
+            super().connectionLost(why)
+
+    return AfterHandshake
+
+
+def _tls_reason(error: BaseException) -> str:
+    """What a person can act on: the verification that failed, not the OpenSSL tuple."""
+    from OpenSSL.SSL import Error
+    from service_identity import VerificationError
+
+    if isinstance(error, VerificationError):
+        return "the certificate does not name this host"
+    if isinstance(error, Error) and error.args and isinstance(error.args[0], list):
+        # [(library, function, reason), ...]
+        return "; ".join(str(r[-1]) for r in error.args[0] if r) or "refused"
+    return str(error) or type(error).__name__
 
 
 @implementer(IRoom)
@@ -156,14 +217,14 @@ class RedisRoom(Service):
     reads the stream; stopped, it announces its members' departure to the other servers.
 
     @param connect: makes a new Redis connection (the room uses two: commands, and the
-        blocking stream reads).
+        blocking stream reads), given a callable to tell why a TLS handshake was refused.
     """
 
     log = Logger()
 
     def __init__(
         self,
-        connect: Callable[[], object],
+        connect: Callable[[Callable[[str], None]], object],
         prefix: str = "twistnet",
         ttl: float = 10.0,
         history_size: int = 20,
@@ -207,14 +268,16 @@ class RedisRoom(Service):
         self._reader = None
         self._loops: list[Deferred] = []
         self._sleeping: Deferred | None = None
+        #: Why Redis refused us last (a TLS handshake): logged once, not per attempt.
+        self._refusal: str | None = None
 
     # --- life -----------------------------------------------------------------------------
 
     def startService(self) -> None:
         super().startService()
         self._running = True
-        self._commands = self._connect()
-        self._reader = self._connect()
+        self._commands = self._connect(self._refused)
+        self._reader = self._connect(self._refused)
         self.log.info(
             "chat room shared through Redis at {where} as server {server}",
             where=self._where,
@@ -252,6 +315,11 @@ class RedisRoom(Service):
                 await connection.disconnect()
             except Exception as exc:
                 self.log.debug("closing a Redis connection: {why}", why=exc)
+
+    def _refused(self, why: str) -> None:
+        if why != self._refusal:
+            self._refusal = why
+            self.log.error("cannot reach Redis at {where}: {why}", where=self._where, why=why)
 
     def _sleep(self, seconds: float) -> Deferred:
         return task.deferLater(self._clock, seconds, lambda: None)
@@ -331,6 +399,7 @@ class RedisRoom(Service):
                 await self._claim(member, "is back")
         was_shared = self._ever_shared
         self._shared = self._ever_shared = True
+        self._refusal = None
         if was_shared:
             self.log.info("Redis reachable again: this server's members registered again")
             self._tell_local(REACHABLE)
