@@ -268,6 +268,9 @@ class RedisRoom(Service):
         self._reader = None
         self._loops: list[Deferred] = []
         self._sleeping: Deferred | None = None
+        #: Lines and notices of this reactor turn, appended by one SAY at its end.
+        self._said: list[tuple[str, str, str, IMember | None]] = []
+        self._say_call = None
         #: Why Redis refused us last (a TLS handshake): logged once, not per attempt.
         self._refusal: str | None = None
 
@@ -328,6 +331,9 @@ class RedisRoom(Service):
         return d.addTimeout(timeout, self._clock)
 
     def _script(self, script: str, keys: list, args: list) -> Deferred:
+        if self._said:
+            # What members said earlier in this turn reaches Redis first: one order.
+            self._send_said()
         return self._timed(self._commands.eval(script, keys, [str(a) for a in args]))
 
     # --- registration, liveness and the janitor ------------------------------------------
@@ -415,12 +421,13 @@ class RedisRoom(Service):
             self._cursor = "0-0"
             return
         self._cursor = entries[0][0]
-        self._seq = int(_fields(entries[0][1]).get("seq", 0))
+        newest = _unpack(entries[0][1])
+        self._seq = newest[0] if newest else None
         lines: list[bytes] = []
         for _, raw in entries:
-            fields = _fields(raw)
-            if fields.get("kind") == "line":
-                lines[:0] = _split_lines(fields.get("data", ""))
+            entry = _unpack(raw)
+            if entry and entry[1] == "line":
+                lines[:0] = _split_lines(entry[4])
                 if len(lines) >= (self._history.maxlen or 0):
                     break
         self._history.extend(lines)
@@ -495,10 +502,11 @@ class RedisRoom(Service):
             for _, entries in reply or ():
                 for entry_id, raw in entries:
                     self._cursor = entry_id
-                    self._dispatch(_fields(raw))
+                    entry = _unpack(raw)
+                    if entry is not None:
+                        self._dispatch(*entry)
 
-    def _dispatch(self, fields: dict[str, str]) -> None:
-        seq = int(fields.get("seq", 0))
+    def _dispatch(self, seq: int, kind: str, skip: str, to: str, data: str) -> None:
         if self._seq is not None:
             if seq <= self._seq:
                 return  # already delivered
@@ -507,19 +515,15 @@ class RedisRoom(Service):
                 self.log.warn("this server fell behind: {missed} lines missed", missed=missed)
                 self._tell_local(f"*** This server fell behind: you missed {missed} lines.")
         self._seq = seq
-        kind, data = fields.get("kind"), fields.get("data", "")
         encoded = data.encode("utf-8", "replace")
         if kind == "private":
-            member = self._owned(fields.get("to", ""))
+            member = self._owned(to)
             if member is not None:
                 _deliver(member, encoded)
             return
         if kind == "line":
             self._history.extend(_split_lines(data))
-        skip = self._owned(fields.get("skip", ""))
-        for member in list(self._member_ids):
-            if member is not skip:
-                _deliver(member, encoded)
+        _deliver_all(self._member_ids, encoded, self._owned(skip) if skip else None)
 
     def _owned(self, owner: str) -> IMember | None:
         server, _, member_id = owner.partition(":")
@@ -704,15 +708,31 @@ class RedisRoom(Service):
         if not self._shared:
             self._deliver_here(kind, data, sender)
             return
-        self._script(
-            redis_lua.SAY,
-            [self._keys["stream"], self._keys["seq"]],
-            [STREAM_MAXLEN, kind, skip, data],
-        ).addErrback(self._append_failed, kind, data, sender)
+        if not self._said:
+            self._say_call = self._clock.callLater(0, self._send_said)
+        self._said.append((kind, skip, data, sender))
 
-    def _append_failed(self, failure, kind: str, data: str, sender: IMember | None) -> None:
+    def _send_said(self) -> None:
+        """One round trip for a turn's lines (at saturation, one instead of one per read)."""
+        said, self._said = self._said, []
+        if self._say_call is not None and self._say_call.active():
+            self._say_call.cancel()
+        self._say_call = None
+        if not self._shared:
+            for kind, _, data, sender in said:
+                self._deliver_here(kind, data, sender)
+            return
+        args: list = [STREAM_MAXLEN]
+        for kind, skip, data, _ in said:
+            args += (kind, skip, data)
+        self._script(redis_lua.SAY, [self._keys["stream"], self._keys["seq"]], args).addErrback(
+            self._append_failed, said
+        )
+
+    def _append_failed(self, failure, said: list) -> None:
         self._lost(failure.getErrorMessage() or failure.type.__name__)
-        self._deliver_here(kind, data, sender)
+        for kind, _, data, sender in said:
+            self._deliver_here(kind, data, sender)
 
     def _deliver_here(self, kind: str, data: str, sender: IMember | None) -> None:
         if kind == "line":
@@ -756,12 +776,33 @@ def _stopped(failure) -> None:
     failure.trap(defer.CancelledError)
 
 
-def _fields(raw: list) -> dict[str, str]:
-    return {str(raw[i]): str(raw[i + 1]) for i in range(0, len(raw) - 1, 2)}
+def _unpack(raw: list) -> tuple[int, str, str, str, str] | None:
+    """
+    (seq, kind, skip, to, data) of a stream entry (see L{redis_lua}); None for one this
+    version did not write.
+    """
+    if len(raw) != 4 or raw[0] != "seq" or raw[2] != "m":
+        return None
+    head, _, data = raw[3].partition("\n")
+    parts = head.split(" ", 2)
+    if len(parts) != 3:
+        return None
+    kind, skip, to = parts
+    return int(raw[1]), kind, skip, to, data
 
 
 def _split_lines(data: str) -> list[bytes]:
     return [(line + EOL).encode("utf-8", "replace") for line in data.split(EOL)[:-1]]
+
+
+def _deliver_all(members, encoded: bytes, skip: IMember | None) -> None:
+    """One line to every member but C{skip}, each on its own: one failure stops no one."""
+    for member in list(members):
+        if member is not skip:
+            try:
+                member.deliver(encoded)
+            except Exception:
+                RedisRoom.log.failure("delivery to {name} failed", name=member.name)
 
 
 def _deliver(member: IMember, encoded: bytes) -> None:
