@@ -32,11 +32,8 @@ from pathlib import Path
 from benchmarks.build import binary
 from benchmarks.processes import Server, raise_fd_limit, twistd_executable
 
-#: Every benchmark line has this length (with CR LF), so bytes received count deliveries.
+#: Every benchmark line has this length (with CR LF).
 LINE_BYTES = 64
-
-#: Probe clients per server: enough samples, little parsing.
-PROBES = 5
 
 #: Limits set where honest benchmark senders never trip them (as benchmarks/README.md says).
 LIMITS = ("--rate", "100000", "--burst", "100000", "--max-clients", "20000")
@@ -53,41 +50,17 @@ def redis_argv(sock: Path, directory: Path) -> list[str]:
 
 
 class Client:
-    def __init__(self, port: int, server: int, probe: bool, single: bool) -> None:
+    """An idle chat client that drains what it is sent (for the memory figure)."""
+
+    def __init__(self, port: int) -> None:
         self.sock = socket.create_connection(("127.0.0.1", port))
-        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.sock.setblocking(False)
-        self.server = server
-        self.probe = probe
-        #: With one server every line counts; with two only lines from the other one.
-        self.single = single
-        self.received = 0
-        self.buffer = b""
-        self.latencies: list[float] = []
 
     def read(self) -> None:
         try:
-            data = self.sock.recv(262144)
+            self.sock.recv(262144)
         except BlockingIOError:
             return
-        self.received += len(data)
-        if not self.probe:
-            return
-        now = time.perf_counter()
-        lines = (self.buffer + data).split(b"\r\n")
-        self.buffer = lines.pop()
-        for line in lines:
-            # "guest-N: BENCH <server> <sent time> xxx"
-            at = line.find(b"BENCH ")
-            if at >= 0:
-                fields = line[at:].split()
-                if self.single or int(fields[1]) != self.server:
-                    self.latencies.append(now - float(fields[2]))
-
-
-def bench_line(server: int) -> bytes:
-    head = f"BENCH {server} {time.perf_counter():.6f} ".encode()
-    return head + b"x" * (LINE_BYTES - len(head) - 2 - len("guest-NNNN: ")) + b"\r\n"
 
 
 def pump(selector: selectors.BaseSelector, seconds: float) -> None:
@@ -97,14 +70,11 @@ def pump(selector: selectors.BaseSelector, seconds: float) -> None:
             key.data.read()
 
 
-def connect_all(ports: list[int], clients: int) -> tuple[selectors.BaseSelector, list[Client]]:
+def connect_all(port: int, clients: int) -> tuple[selectors.BaseSelector, list[Client]]:
     selector = selectors.DefaultSelector()
     everyone = []
     for i in range(clients):
-        server = i % len(ports)
-        client = Client(
-            ports[server], server, probe=i // len(ports) < PROBES, single=len(ports) == 1
-        )
+        client = Client(port)
         selector.register(client.sock, selectors.EVENT_READ, client)
         everyone.append(client)
         if i % 50 == 49:
@@ -182,7 +152,7 @@ def summary(runs: list[dict]) -> dict:
 
 def idle_memory(port: int, server: Server, clients: int) -> float:
     before = server.rss_kib()
-    selector, everyone = connect_all([port], clients)
+    selector, everyone = connect_all(port, clients)
     pump(selector, 2.0)
     after = server.rss_kib()
     for client in everyone:
