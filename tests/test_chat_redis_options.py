@@ -229,3 +229,9 @@ def test_redis_replies_are_parsed_by_hiredis():
     import txredisapi
 
     assert txredisapi.RedisProtocol is txredisapi.HiredisProtocol
+
+
+def test_a_stream_entry_this_version_did_not_write_is_skipped_not_fatal():
+    assert _unpack(["seq", "1", "kind", "line", "data", "x\r\n"]) is None
+    assert _unpack(["seq", "1", "m", "garbage"]) is None
+    assert _unpack(["seq", "7", "m", "line a:1 \nhi\r\n"]) == (7, "line", "a:1", "", "hi\r\n")
