@@ -95,6 +95,15 @@ def test_bad_redis_options_are_usage_errors(argv, why):
         parse(*argv)
 
 
+def test_a_missing_or_broken_ca_file_is_refused_at_start(tmp_path):
+    broken = tmp_path / "ca.pem"
+    broken.write_text("not a certificate")
+    with pytest.raises(usage.UsageError, match="cannot read --redis-ca"):
+        parse("--redis", "rediss://h", "--redis-ca", str(tmp_path / "missing.pem"))
+    with pytest.raises(usage.UsageError, match="--redis-ca is not a PEM certificate"):
+        parse("--redis", "rediss://h", "--redis-ca", str(broken))
+
+
 def test_an_empty_password_file_is_refused(tmp_path):
     empty = tmp_path / "pw"
     empty.write_text("")
