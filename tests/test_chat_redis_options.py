@@ -148,8 +148,8 @@ def entry(seq: int, data: str, kind: str = "line", skip: str = "", to: str = "")
 def test_a_gap_in_the_sequence_tells_members_how_many_lines_they_missed():
     alice = Member("alice")
     room = room_with(alice)
-    room._dispatch(*entry(1, "bob: one\r\n"))
-    room._dispatch(*entry(5, "bob: five\r\n"))
+    room._dispatch(entry(1, "bob: one\r\n"))
+    room._dispatch(entry(5, "bob: five\r\n"))
     assert alice.got == [
         b"bob: one\r\n",
         b"*** This server fell behind: you missed 3 lines.\r\n",
@@ -161,16 +161,16 @@ def test_an_entry_seen_before_is_not_delivered_twice():
     alice = Member("alice")
     room = room_with(alice)
     for seq in (1, 2, 2, 1, 3):
-        room._dispatch(*entry(seq, f"bob: {seq}\r\n"))
+        room._dispatch(entry(seq, f"bob: {seq}\r\n"))
     assert alice.got == [b"bob: 1\r\n", b"bob: 2\r\n", b"bob: 3\r\n"]
 
 
 def test_the_sender_is_skipped_and_a_private_line_reaches_only_its_owner():
     alice, bob = Member("alice"), Member("bob")
     room = room_with(alice, bob)
-    room._dispatch(*entry(1, "alice: hi\r\n", skip=f"{room.server_id}:0"))
-    room._dispatch(*entry(2, "[private] x: psst\r\n", kind="private", to=f"{room.server_id}:1"))
-    room._dispatch(*entry(3, "[private] x: no\r\n", kind="private", to="otherserver:1"))
+    room._dispatch(entry(1, "alice: hi\r\n", skip=f"{room.server_id}:0"))
+    room._dispatch(entry(2, "[private] x: psst\r\n", kind="private", to=f"{room.server_id}:1"))
+    room._dispatch(entry(3, "[private] x: no\r\n", kind="private", to="otherserver:1"))
     assert alice.got == []
     assert bob.got == [b"alice: hi\r\n", b"[private] x: psst\r\n"]
     assert room._history == deque([b"alice: hi\r\n"])
@@ -244,3 +244,28 @@ def test_a_stream_entry_this_version_did_not_write_is_skipped_not_fatal():
     assert _unpack(["seq", "1", "kind", "line", "data", "x\r\n"]) is None
     assert _unpack(["seq", "1", "m", "garbage"]) is None
     assert _unpack(["seq", "7", "m", "line a:1 \nhi\r\n"]) == (7, "line", "a:1", "", "hi\r\n")
+
+
+def test_a_read_of_several_lines_is_one_delivery_per_member_without_their_own_lines():
+    alice, bob = Member("alice"), Member("bob")
+    room = room_with(alice, bob)
+    me = room.server_id
+    room._dispatch(
+        entry(1, "alice: one\r\n", skip=f"{me}:0"),
+        entry(2, "carol: two\r\n", skip="otherserver:4"),
+        entry(3, "[private] carol: psst\r\n", kind="private", to=f"{me}:1"),
+        entry(4, "*** dave has joined\r\n", kind="notice"),
+        entry(6, "bob: six\r\n", skip=f"{me}:1"),
+    )
+    assert alice.got == [
+        b"carol: two\r\n",
+        b"*** dave has joined\r\n",
+        b"*** This server fell behind: you missed 1 lines.\r\n",
+        b"bob: six\r\n",
+    ]
+    assert bob.got == [
+        b"alice: one\r\ncarol: two\r\n",
+        b"[private] carol: psst\r\n",
+        b"*** dave has joined\r\n",
+        b"*** This server fell behind: you missed 1 lines.\r\n",
+    ]

@@ -500,30 +500,52 @@ class RedisRoom(Service):
                 self._lost(str(exc) or type(exc).__name__)
                 continue
             for _, entries in reply or ():
-                for entry_id, raw in entries:
-                    self._cursor = entry_id
-                    entry = _unpack(raw)
-                    if entry is not None:
-                        self._dispatch(*entry)
+                if entries:
+                    self._cursor = entries[-1][0]
+                    self._dispatch(*filter(None, (_unpack(raw) for _, raw in entries)))
 
-    def _dispatch(self, seq: int, kind: str, skip: str, to: str, data: str) -> None:
-        if self._seq is not None:
-            if seq <= self._seq:
-                return  # already delivered
-            missed = seq - self._seq - 1
-            if missed:
-                self.log.warn("this server fell behind: {missed} lines missed", missed=missed)
-                self._tell_local(f"*** This server fell behind: you missed {missed} lines.")
-        self._seq = seq
-        encoded = data.encode("utf-8", "replace")
-        if kind == "private":
-            member = self._owned(to)
-            if member is not None:
-                _deliver(member, encoded)
+    def _dispatch(self, *entries: tuple[int, str, str, str, str]) -> None:
+        """
+        The entries of one read, in order. Consecutive lines and notices reach each member
+        as one delivery (a busy server reads hundreds at once: one call per member, not one
+        per member and line); a private line or a gap notice ends such a run.
+        """
+        run: list[tuple[bytes, IMember | None]] = []
+        for seq, kind, skip, to, data in entries:
+            if self._seq is not None:
+                if seq <= self._seq:
+                    continue  # already delivered
+                missed = seq - self._seq - 1
+                if missed:
+                    self._deliver_run(run)
+                    self.log.warn("this server fell behind: {missed} lines missed", missed=missed)
+                    self._tell_local(f"*** This server fell behind: you missed {missed} lines.")
+            self._seq = seq
+            encoded = data.encode("utf-8", "replace")
+            if kind == "private":
+                self._deliver_run(run)
+                member = self._owned(to)
+                if member is not None:
+                    _deliver(member, encoded)
+                continue
+            if kind == "line":
+                self._history.extend(_split_lines(data))
+            run.append((encoded, self._owned(skip) if skip else None))
+        self._deliver_run(run)
+
+    def _deliver_run(self, run: list[tuple[bytes, IMember | None]]) -> None:
+        """Each member gets the run but what it said itself; C{run} is emptied."""
+        if not run:
             return
-        if kind == "line":
-            self._history.extend(_split_lines(data))
-        _deliver_all(self._member_ids, encoded, self._owned(skip) if skip else None)
+        whole = run[0][0] if len(run) == 1 else b"".join(encoded for encoded, _ in run)
+        skipped = {skip for _, skip in run if skip is not None}
+        for member in list(self._member_ids):
+            data = whole
+            if member in skipped:
+                data = b"".join(encoded for encoded, skip in run if skip is not member)
+            if data:
+                _deliver(member, data)
+        run.clear()
 
     def _owned(self, owner: str) -> IMember | None:
         server, _, member_id = owner.partition(":")
@@ -793,16 +815,6 @@ def _unpack(raw: list) -> tuple[int, str, str, str, str] | None:
 
 def _split_lines(data: str) -> list[bytes]:
     return [(line + EOL).encode("utf-8", "replace") for line in data.split(EOL)[:-1]]
-
-
-def _deliver_all(members, encoded: bytes, skip: IMember | None) -> None:
-    """One line to every member but C{skip}, each on its own: one failure stops no one."""
-    for member in list(members):
-        if member is not skip:
-            try:
-                member.deliver(encoded)
-            except Exception:
-                RedisRoom.log.failure("delivery to {name} failed", name=member.name)
 
 
 def _deliver(member: IMember, encoded: bytes) -> None:
