@@ -31,8 +31,19 @@ def start_tls(twistd, url: str, ca, *args: str):
     return server
 
 
-def test_two_servers_talk_through_redis_over_tls(twistd, tls_redis_server):
-    a = start_tls(twistd, tls_redis_server.tls_url, tls_redis_server.ca)
+def test_two_servers_talk_through_redis_over_tls(twistd, tls_redis_server, tmp_path):
+    # One server logs in as an ACL user with a password from a file, after the handshake.
+    tls_redis_server.cli("ACL", "SETUSER", "chat", "on", f">{PASSWORD}", "~*", "&*", "+@all")
+    password_file = tmp_path / "redis-password"
+    password_file.write_text(PASSWORD + "\n")
+    port = tls_redis_server.tls_port
+    a = start_tls(
+        twistd,
+        f"rediss://chat@localhost:{port}/0",
+        tls_redis_server.ca,
+        "--redis-password-file",
+        str(password_file),
+    )
     b = start_tls(twistd, tls_redis_server.tls_url, tls_redis_server.ca)
     with ChatClient(a.tcp_port) as alice, ChatClient(b.tcp_port, eol=b"\r\n") as bob:
         alice.wait_for(f"{bob.name} has joined".encode())
@@ -40,6 +51,10 @@ def test_two_servers_talk_through_redis_over_tls(twistd, tls_redis_server):
         assert b"hello over TLS" in bob.wait_for(b"hello over TLS")
     # Redis has no plain TCP port (--port 0): the chat could only have come through TLS.
     assert "cannot reach Redis" not in a.output + b.output
+    assert "could not auth" not in a.output
+    assert PASSWORD not in a.output
+    clients = tls_redis_server.cli("CLIENT", "LIST")
+    assert "user=chat" in clients
 
 
 def test_a_server_not_signed_by_the_ca_is_refused_in_one_line_without_the_password(
