@@ -269,3 +269,14 @@ def test_a_read_of_several_lines_is_one_delivery_per_member_without_their_own_li
         b"*** dave has joined\r\n",
         b"*** This server fell behind: you missed 1 lines.\r\n",
     ]
+
+
+def test_lines_pending_when_redis_is_lost_are_delivered_here_before_what_follows():
+    alice, bob = Member("alice"), Member("bob")
+    room, commands, clock = shared_room(alice, bob)
+    room.broadcast(alice, ["alice: bye"])
+    room._shared = False  # Redis lost within the same turn
+    room.leave(alice, "quit")
+    assert bob.got == [b"alice: bye\r\n", b"*** alice has left (quit)\r\n"]
+    assert commands.scripts == []
+    assert not clock.getDelayedCalls()

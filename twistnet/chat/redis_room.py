@@ -757,6 +757,9 @@ class RedisRoom(Service):
             self._deliver_here(kind, data, sender)
 
     def _deliver_here(self, kind: str, data: str, sender: IMember | None) -> None:
+        if self._said:
+            # Said while Redis was reachable, earlier in this turn: it goes first.
+            self._send_said()
         if kind == "line":
             self._history.extend(_split_lines(data))
         encoded = data.encode("utf-8", "replace")
