@@ -13,6 +13,7 @@ BUILD = HERE / ".build"
 SOURCES = {
     "echo_client": HERE / "loadgen" / "echo_client.c",
     "chat_client": HERE / "loadgen" / "chat_client.c",
+    "chat_spread": HERE / "loadgen" / "chat_spread.c",
     "log_pusher": HERE / "loadgen" / "log_pusher.c",
     "idle_holder": HERE / "loadgen" / "idle_holder.c",
     "echo_epoll": HERE / "peers" / "echo_epoll.c",

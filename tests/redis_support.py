@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import shutil
 import signal
+import socket
 import subprocess
 from pathlib import Path
 
 import pytest
 
 from benchmarks.chat_redis import redis_argv
-from helpers import wait_until
+from helpers import make_certificate, wait_until
 
 
 class RedisServer:
@@ -22,12 +23,13 @@ class RedisServer:
         self.url = f"unix://{self.socket}?db=0"
         self.proc: subprocess.Popen | None = None
 
+    def argv(self) -> list[str]:
+        return redis_argv(self.socket, self.directory)
+
     def start(self) -> None:
         self.socket.unlink(missing_ok=True)
         self.proc = subprocess.Popen(
-            redis_argv(self.socket, self.directory),
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
+            self.argv(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
         )
         wait_until(self.socket.exists)
 
@@ -55,10 +57,63 @@ class RedisServer:
         ).stdout.strip()
 
 
-@pytest.fixture(name="redis_server")
-def redis_server_fixture(tmp_path_factory):
+class TlsRedisServer(RedisServer):
+    """
+    The same C{redis-server} also listening for TLS on a free loopback port, with a throwaway
+    self-signed certificate for C{hostname} and 127.0.0.1 (C{ca} is the file to trust).
+    """
+
+    def __init__(self, directory: Path, hostname: str = "localhost") -> None:
+        super().__init__(directory)
+        self.key, self.ca = make_certificate(directory, hostname)
+        self.tls_port = free_port()
+        self.tls_url = f"rediss://localhost:{self.tls_port}/0"
+
+    def argv(self) -> list[str]:
+        return [
+            *super().argv(),
+            *("--bind", "127.0.0.1", "--tls-port", str(self.tls_port)),
+            *("--tls-cert-file", str(self.ca), "--tls-key-file", str(self.key)),
+            *("--tls-ca-cert-file", str(self.ca), "--tls-auth-clients", "no"),
+        ]
+
+    def start(self) -> None:
+        super().start()
+        wait_until(lambda: _accepts(self.tls_port))
+
+
+def free_port() -> int:
+    """A loopback port free now (redis-server takes a number, not port 0 read back)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _accepts(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+    except OSError:
+        return False
+    return True
+
+
+def _require_redis() -> None:
     if shutil.which("redis-server") is None:
         pytest.fail("redis-server is not installed (.ci/run installs it)")
+
+
+@pytest.fixture(name="tls_redis_server")
+def tls_redis_server_fixture(tmp_path_factory):
+    _require_redis()
+    server = TlsRedisServer(tmp_path_factory.mktemp("redis-tls"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(name="redis_server")
+def redis_server_fixture(tmp_path_factory):
+    _require_redis()
     server = RedisServer(tmp_path_factory.mktemp("redis"))
     server.start()
     yield server

@@ -11,15 +11,13 @@
  */
 #include "common.h"
 
-#define CARRY 512
 
 typedef struct {
     int fd, id, closed, wants_out;
     long sent_lines; /* senders only */
     long out_offset, out_length;
     char out[8192];
-    int carry_len, skipping; /* a partial line kept from the last read */
-    char carry[CARRY];
+    carry_t carry;
     long delivered;
 } client_t;
 
@@ -37,7 +35,8 @@ static long digits(const char *text, int count) {
 }
 
 /* One received line: counts it when it is another client's BENCH line. */
-static void handle_line(client_t *c, const char *line, long len) {
+static void handle_line(void *ctx, const char *line, long len) {
+    client_t *c = ctx;
     const char *mark = memmem(line, (size_t)len, "BENCH ", 6);
     if (!mark || line + len - mark < 22) return;
     long sender = digits(mark + 6, 5);
@@ -49,35 +48,6 @@ static void handle_line(client_t *c, const char *line, long len) {
     }
 }
 
-/* Split what arrived into lines (memchr: this loop is the client's hot path). */
-static void consume(client_t *c, const char *data, long len) {
-    const char *start = data, *end = data + len, *newline;
-    while ((newline = memchr(start, '\n', (size_t)(end - start))) != NULL) {
-        long piece = newline - start;
-        if (c->skipping) {
-            c->skipping = 0;
-        } else if (c->carry_len) {
-            if (c->carry_len + piece <= CARRY) {
-                memcpy(c->carry + c->carry_len, start, (size_t)piece);
-                handle_line(c, c->carry, c->carry_len + piece);
-            }
-        } else {
-            handle_line(c, start, piece);
-        }
-        c->carry_len = 0;
-        start = newline + 1;
-    }
-    long rest = end - start;
-    if (rest > 0 && !c->skipping) {
-        if (c->carry_len + rest <= CARRY) {
-            memcpy(c->carry + c->carry_len, start, (size_t)rest);
-            c->carry_len += (int)rest;
-        } else {
-            c->carry_len = 0;
-            c->skipping = 1; /* a long line (welcome, history): never a BENCH line */
-        }
-    }
-}
 
 /* Queue and send as many lines as the window allows; -1 on a broken connection. */
 static int pump(int ep, client_t *c) {
@@ -184,7 +154,7 @@ int main(int argc, char **argv) {
                     ssize_t got = recv(c->fd, scratch, sizeof scratch, 0);
                     if (got > 0) {
                         long before = c->delivered;
-                        consume(c, scratch, got);
+                        split_lines(&c->carry, scratch, got, handle_line, c);
                         delivered += c->delivered - before;
                         if (c->delivered > before) t_last = now_s();
                         if (got < (ssize_t)sizeof scratch) break;

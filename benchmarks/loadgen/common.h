@@ -132,6 +132,44 @@ static inline int *connect_many_greeted(int port, int count, int greeted, double
     return fds;
 }
 
+/* A partial line kept between reads; a line longer than CARRY (a welcome, history) is skipped. */
+#define CARRY 512
+typedef struct {
+    int len, skipping;
+    char data[CARRY];
+} carry_t;
+
+/* Split what arrived into whole lines for `line` (memchr: this loop is a client's hot path). */
+static inline void split_lines(carry_t *carry, const char *data, long len,
+                               void (*line)(void *ctx, const char *text, long len), void *ctx) {
+    const char *start = data, *end = data + len, *newline;
+    while ((newline = memchr(start, '\n', (size_t)(end - start))) != NULL) {
+        long piece = newline - start;
+        if (carry->skipping) {
+            carry->skipping = 0;
+        } else if (carry->len) {
+            if (carry->len + piece <= CARRY) {
+                memcpy(carry->data + carry->len, start, (size_t)piece);
+                line(ctx, carry->data, carry->len + piece);
+            }
+        } else {
+            line(ctx, start, piece);
+        }
+        carry->len = 0;
+        start = newline + 1;
+    }
+    long rest = end - start;
+    if (rest > 0 && !carry->skipping) {
+        if (carry->len + rest <= CARRY) {
+            memcpy(carry->data + carry->len, start, (size_t)rest);
+            carry->len += (int)rest;
+        } else {
+            carry->len = 0;
+            carry->skipping = 1;
+        }
+    }
+}
+
 static inline int *connect_many(int port, int count, double timeout) {
     return connect_many_greeted(port, count, 0, timeout);
 }

@@ -26,7 +26,7 @@ from attrs import frozen
 from twisted.application.service import Service
 from twisted.internet import defer, task
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IHandshakeListener, IReactorTime
 from twisted.logger import Logger
 from zope.interface import implementer
 
@@ -124,8 +124,12 @@ def parse_redis_url(url: str, password: str | None = None, ca: str | None = None
     )
 
 
-def connect(settings: RedisSettings):
-    """A lazily connecting, reconnecting txredisapi connection (one socket)."""
+def connect(settings: RedisSettings, refused: Callable[[str], None] = lambda why: None):
+    """
+    A lazily connecting, reconnecting txredisapi connection (one socket). Over TLS the
+    server's certificate must be signed by C{settings.ca} (else the system's CAs) and name
+    C{settings.host}; C{refused} hears why a handshake failed.
+    """
     common = dict(
         dbid=settings.db,
         password=settings.password,
@@ -135,18 +139,75 @@ def connect(settings: RedisSettings):
     )
     if settings.scheme == "unix":
         return txredisapi.lazyUnixConnection(settings.path, **common)
-    tls = False
-    if settings.scheme == "rediss":
-        from twisted.internet import ssl
+    if settings.scheme == "redis":
+        return txredisapi.lazyConnection(settings.host, settings.port, **common)
+    return _tls_connection(settings, refused)
 
-        trust = None
-        if settings.ca:
-            with open(settings.ca, "rb") as pem:
-                trust = ssl.Certificate.loadPEM(pem.read())
-        tls = ssl.optionsForClientTLS(settings.host, trustRoot=trust)
-    return txredisapi.lazyConnection(
-        settings.host, settings.port, ssl_context_factory=tls, **common
+
+def _tls_connection(settings: RedisSettings, refused: Callable[[str], None]):
+    """
+    txredisapi's own TLS path sends AUTH before the handshake is over, so a refused
+    certificate shows as "could not auth" and stops its reconnecting for good; this one logs
+    in once the handshake is done and reports why one failed.
+    """
+    from twisted.internet import reactor, ssl
+    from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+
+    trust = None
+    if settings.ca:
+        with open(settings.ca, "rb") as pem:
+            trust = ssl.Certificate.loadPEM(pem.read())
+    factory = txredisapi.RedisFactory(
+        f"{settings.host}:{settings.port}",
+        settings.db,
+        1,
+        True,
+        txredisapi.ConnectionHandler,
+        "utf-8",
+        settings.password,
+        None,
+        False,
+        settings.username,
     )
+    factory.protocol = _protocol_after_handshake(refused)
+    endpoint = HostnameEndpoint(reactor, settings.host, settings.port, timeout=COMMAND_TIMEOUT)
+    factory.startConnecting(
+        wrapClientTLS(ssl.optionsForClientTLS(settings.host, trustRoot=trust), endpoint)
+    )
+    return factory.handler
+
+
+def _protocol_after_handshake(refused: Callable[[str], None]) -> type:
+    @implementer(IHandshakeListener)
+    class AfterHandshake(txredisapi.RedisProtocol):
+        _secured = False
+
+        def connectionMade(self) -> None:
+            pass  # not yet: AUTH waits for the handshake
+
+        def handshakeCompleted(self) -> None:
+            self._secured = True
+            super().connectionMade()
+
+        def connectionLost(self, why) -> None:
+            if not self._secured:
+                refused(f"TLS handshake failed: {_tls_reason(why.value)}")
+            super().connectionLost(why)
+
+    return AfterHandshake
+
+
+def _tls_reason(error: BaseException) -> str:
+    """What a person can act on: the verification that failed, not the OpenSSL tuple."""
+    from OpenSSL.SSL import Error
+    from service_identity import VerificationError
+
+    if isinstance(error, VerificationError):
+        return "the certificate does not name this host"
+    if isinstance(error, Error) and error.args and isinstance(error.args[0], list):
+        # [(library, function, reason), ...]
+        return "; ".join(str(r[-1]) for r in error.args[0] if r) or "refused"
+    return str(error) or type(error).__name__
 
 
 @implementer(IRoom)
@@ -156,14 +217,14 @@ class RedisRoom(Service):
     reads the stream; stopped, it announces its members' departure to the other servers.
 
     @param connect: makes a new Redis connection (the room uses two: commands, and the
-        blocking stream reads).
+        blocking stream reads), given a callable to tell why a TLS handshake was refused.
     """
 
     log = Logger()
 
     def __init__(
         self,
-        connect: Callable[[], object],
+        connect: Callable[[Callable[[str], None]], object],
         prefix: str = "twistnet",
         ttl: float = 10.0,
         history_size: int = 20,
@@ -207,14 +268,19 @@ class RedisRoom(Service):
         self._reader = None
         self._loops: list[Deferred] = []
         self._sleeping: Deferred | None = None
+        #: Lines and notices of this reactor turn, appended by one SAY at its end.
+        self._said: list[tuple[str, str, str, IMember | None]] = []
+        self._say_call = None
+        #: Why Redis refused us last (a TLS handshake): logged once, not per attempt.
+        self._refusal: str | None = None
 
     # --- life -----------------------------------------------------------------------------
 
     def startService(self) -> None:
         super().startService()
         self._running = True
-        self._commands = self._connect()
-        self._reader = self._connect()
+        self._commands = self._connect(self._refused)
+        self._reader = self._connect(self._refused)
         self.log.info(
             "chat room shared through Redis at {where} as server {server}",
             where=self._where,
@@ -253,6 +319,11 @@ class RedisRoom(Service):
             except Exception as exc:
                 self.log.debug("closing a Redis connection: {why}", why=exc)
 
+    def _refused(self, why: str) -> None:
+        if why != self._refusal:
+            self._refusal = why
+            self.log.error("cannot reach Redis at {where}: {why}", where=self._where, why=why)
+
     def _sleep(self, seconds: float) -> Deferred:
         return task.deferLater(self._clock, seconds, lambda: None)
 
@@ -260,6 +331,9 @@ class RedisRoom(Service):
         return d.addTimeout(timeout, self._clock)
 
     def _script(self, script: str, keys: list, args: list) -> Deferred:
+        if self._said:
+            # What members said earlier in this turn reaches Redis first: one order.
+            self._send_said()
         return self._timed(self._commands.eval(script, keys, [str(a) for a in args]))
 
     # --- registration, liveness and the janitor ------------------------------------------
@@ -331,6 +405,7 @@ class RedisRoom(Service):
                 await self._claim(member, "is back")
         was_shared = self._ever_shared
         self._shared = self._ever_shared = True
+        self._refusal = None
         if was_shared:
             self.log.info("Redis reachable again: this server's members registered again")
             self._tell_local(REACHABLE)
@@ -346,12 +421,13 @@ class RedisRoom(Service):
             self._cursor = "0-0"
             return
         self._cursor = entries[0][0]
-        self._seq = int(_fields(entries[0][1]).get("seq", 0))
+        newest = _unpack(entries[0][1])
+        self._seq = newest[0] if newest else None
         lines: list[bytes] = []
         for _, raw in entries:
-            fields = _fields(raw)
-            if fields.get("kind") == "line":
-                lines[:0] = _split_lines(fields.get("data", ""))
+            entry = _unpack(raw)
+            if entry and entry[1] == "line":
+                lines[:0] = _split_lines(entry[4])
                 if len(lines) >= (self._history.maxlen or 0):
                     break
         self._history.extend(lines)
@@ -424,33 +500,52 @@ class RedisRoom(Service):
                 self._lost(str(exc) or type(exc).__name__)
                 continue
             for _, entries in reply or ():
-                for entry_id, raw in entries:
-                    self._cursor = entry_id
-                    self._dispatch(_fields(raw))
+                if entries:
+                    self._cursor = entries[-1][0]
+                    self._dispatch(*filter(None, (_unpack(raw) for _, raw in entries)))
 
-    def _dispatch(self, fields: dict[str, str]) -> None:
-        seq = int(fields.get("seq", 0))
-        if self._seq is not None:
-            if seq <= self._seq:
-                return  # already delivered
-            missed = seq - self._seq - 1
-            if missed:
-                self.log.warn("this server fell behind: {missed} lines missed", missed=missed)
-                self._tell_local(f"*** This server fell behind: you missed {missed} lines.")
-        self._seq = seq
-        kind, data = fields.get("kind"), fields.get("data", "")
-        encoded = data.encode("utf-8", "replace")
-        if kind == "private":
-            member = self._owned(fields.get("to", ""))
-            if member is not None:
-                _deliver(member, encoded)
+    def _dispatch(self, *entries: tuple[int, str, str, str, str]) -> None:
+        """
+        The entries of one read, in order. Consecutive lines and notices reach each member
+        as one delivery (a busy server reads hundreds at once: one call per member, not one
+        per member and line); a private line or a gap notice ends such a run.
+        """
+        run: list[tuple[bytes, IMember | None]] = []
+        for seq, kind, skip, to, data in entries:
+            if self._seq is not None:
+                if seq <= self._seq:
+                    continue  # already delivered
+                missed = seq - self._seq - 1
+                if missed:
+                    self._deliver_run(run)
+                    self.log.warn("this server fell behind: {missed} lines missed", missed=missed)
+                    self._tell_local(f"*** This server fell behind: you missed {missed} lines.")
+            self._seq = seq
+            encoded = data.encode("utf-8", "replace")
+            if kind == "private":
+                self._deliver_run(run)
+                member = self._owned(to)
+                if member is not None:
+                    _deliver(member, encoded)
+                continue
+            if kind == "line":
+                self._history.extend(_split_lines(data))
+            run.append((encoded, self._owned(skip) if skip else None))
+        self._deliver_run(run)
+
+    def _deliver_run(self, run: list[tuple[bytes, IMember | None]]) -> None:
+        """Each member gets the run but what it said itself; C{run} is emptied."""
+        if not run:
             return
-        if kind == "line":
-            self._history.extend(_split_lines(data))
-        skip = self._owned(fields.get("skip", ""))
+        whole = run[0][0] if len(run) == 1 else b"".join(encoded for encoded, _ in run)
+        skipped = {skip for _, skip in run if skip is not None}
         for member in list(self._member_ids):
-            if member is not skip:
-                _deliver(member, encoded)
+            data = whole
+            if member in skipped:
+                data = b"".join(encoded for encoded, skip in run if skip is not member)
+            if data:
+                _deliver(member, data)
+        run.clear()
 
     def _owned(self, owner: str) -> IMember | None:
         server, _, member_id = owner.partition(":")
@@ -635,17 +730,36 @@ class RedisRoom(Service):
         if not self._shared:
             self._deliver_here(kind, data, sender)
             return
-        self._script(
-            redis_lua.SAY,
-            [self._keys["stream"], self._keys["seq"]],
-            [STREAM_MAXLEN, kind, skip, data],
-        ).addErrback(self._append_failed, kind, data, sender)
+        if not self._said:
+            self._say_call = self._clock.callLater(0, self._send_said)
+        self._said.append((kind, skip, data, sender))
 
-    def _append_failed(self, failure, kind: str, data: str, sender: IMember | None) -> None:
+    def _send_said(self) -> None:
+        """One round trip for a turn's lines (at saturation, one instead of one per read)."""
+        said, self._said = self._said, []
+        if self._say_call is not None and self._say_call.active():
+            self._say_call.cancel()
+        self._say_call = None
+        if not self._shared:
+            for kind, _, data, sender in said:
+                self._deliver_here(kind, data, sender)
+            return
+        args: list = [STREAM_MAXLEN]
+        for kind, skip, data, _ in said:
+            args += (kind, skip, data)
+        self._script(redis_lua.SAY, [self._keys["stream"], self._keys["seq"]], args).addErrback(
+            self._append_failed, said
+        )
+
+    def _append_failed(self, failure, said: list) -> None:
         self._lost(failure.getErrorMessage() or failure.type.__name__)
-        self._deliver_here(kind, data, sender)
+        for kind, _, data, sender in said:
+            self._deliver_here(kind, data, sender)
 
     def _deliver_here(self, kind: str, data: str, sender: IMember | None) -> None:
+        if self._said:
+            # Said while Redis was reachable, earlier in this turn: it goes first.
+            self._send_said()
         if kind == "line":
             self._history.extend(_split_lines(data))
         encoded = data.encode("utf-8", "replace")
@@ -687,8 +801,19 @@ def _stopped(failure) -> None:
     failure.trap(defer.CancelledError)
 
 
-def _fields(raw: list) -> dict[str, str]:
-    return {str(raw[i]): str(raw[i + 1]) for i in range(0, len(raw) - 1, 2)}
+def _unpack(raw: list) -> tuple[int, str, str, str, str] | None:
+    """
+    (seq, kind, skip, to, data) of a stream entry (see L{redis_lua}); None for one this
+    version did not write.
+    """
+    if len(raw) != 4 or raw[0] != "seq" or raw[2] != "m":
+        return None
+    head, _, data = raw[3].partition("\n")
+    parts = head.split(" ", 2)
+    if len(parts) != 3:
+        return None
+    kind, skip, to = parts
+    return int(raw[1]), kind, skip, to, data
 
 
 def _split_lines(data: str) -> list[bytes]:

@@ -207,9 +207,26 @@ class Options(ServiceOptions):
             if not password:
                 raise usage.UsageError("--redis-password-file is empty")
         try:
-            return parse_redis_url(self["redis"], password=password, ca=self["redis-ca"])
+            settings = parse_redis_url(self["redis"], password=password, ca=self["redis-ca"])
         except RedisUrlError as exc:
             raise usage.UsageError(str(exc)) from None
+        if settings.ca:
+            _check_ca(settings.ca)
+        return settings
+
+
+def _check_ca(path: str) -> None:
+    """Refuse at start a --redis-ca that the first TLS connection could not use."""
+    from OpenSSL.crypto import Error
+    from twisted.internet.ssl import Certificate
+
+    try:
+        with open(path, "rb") as pem:
+            Certificate.loadPEM(pem.read())
+    except OSError as exc:
+        raise usage.UsageError(f"cannot read --redis-ca: {exc.strerror}") from None
+    except Error:
+        raise usage.UsageError("--redis-ca is not a PEM certificate") from None
 
 
 class ChatCloser(ConnectionCloser):
