@@ -13,7 +13,15 @@ from twisted.internet import defer, protocol, task
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python import usage
 
-from helpers import connect, figure, recv_exactly, recv_until_closed, run_twistd, wait_until
+from helpers import (
+    connect,
+    eventually,
+    figure,
+    recv_exactly,
+    recv_until_closed,
+    run_twistd,
+    wait_until,
+)
 from twistnet import echo
 from twistnet._connections import Refused
 
@@ -229,6 +237,46 @@ async def test_echo_over_real_tcp(listen, reactor):
     endpoint = endpoints_client(reactor, port.getHost().port)
     await endpoint.connect(protocol.Factory.forProtocol(Client))
     assert await received == b"x" * 100_000
+
+
+async def echoed(client, data: bytes) -> bool:
+    """Send C{data} on a plain socket and wait, reactor running, for it to come back."""
+    client.setblocking(False)
+    client.sendall(data)
+    received = bytearray()
+
+    def back() -> bool:
+        try:
+            received.extend(client.recv(100))
+        except BlockingIOError:
+            pass
+        return len(received) >= len(data)
+
+    await eventually(back, "no echo came back")
+    return bytes(received) == data
+
+
+@pytest_twisted.ensureDeferred
+async def test_replies_leave_without_nagle_over_tcp_and_unix_sockets_still_echo(
+    listen, reactor, tmp_path
+):
+    from twisted.internet import endpoints
+
+    factory = echo.EchoFactory(clock=reactor)
+    port = await listen(factory)
+    with socket.create_connection(("127.0.0.1", port.getHost().port)) as client:
+        assert await echoed(client, b"ping")
+        (server,) = list(factory.registry)
+        assert server.transport.getTcpNoDelay()
+    path = str(tmp_path / "echo.sock")
+    unix = await endpoints.UNIXServerEndpoint(reactor, path).listen(factory)
+    try:
+        with socket.socket(socket.AF_UNIX) as client:
+            client.connect(path)
+            assert await echoed(client, b"pong")
+    finally:
+        await unix.stopListening()
+        await factory.registry.close_all(grace=1.0)
 
 
 def endpoints_client(reactor, port):

@@ -4,12 +4,13 @@ the exit signal twistd re-raises."""
 
 from __future__ import annotations
 
+import errno
 import select
 import socket
 
 import pytest
 import pytest_twisted
-from twisted.internet import defer, main, protocol, task
+from twisted.internet import defer, protocol, task
 from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.internet.testing import StringTransport
 
@@ -108,7 +109,20 @@ async def test_write_now_leaves_a_socket_error_to_the_buffered_path(listen):
     client.close()
     lost = defer.Deferred()
     server.connectionLost = lambda reason: lost.callback(reason.type)
-    server.transport.writeSomeData = lambda data: main.CONNECTION_LOST
+
+    class ResetOnSend:
+        """The server's socket, except that a send finds the connection reset."""
+
+        def __init__(self, sock):
+            self._sock = sock
+
+        def send(self, data):
+            raise ConnectionResetError(errno.ECONNRESET, "Connection reset by peer")
+
+        def __getattr__(self, name):
+            return getattr(self._sock, name)
+
+    server.transport.socket = ResetOnSend(server.transport.socket)
     write_now(server.transport, b"into the void")
     assert server.transport._tempDataLen == len(b"into the void")
     assert await lost in (ConnectionLost, ConnectionDone)

@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 from twisted.application.service import Service
 from twisted.internet import defer, protocol
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IReactorTime, ITCPTransport
 from twisted.logger import Logger
 
 #: How long a closing connection may take to flush before it is aborted: a client that
@@ -206,6 +206,19 @@ class ConnectionRegistry:
                 proto.transport.write(notice)
             proto.hang_up()
         return gone
+
+
+def send_at_once(transport) -> None:
+    """
+    Turn Nagle's algorithm off (TCP_NODELAY), as asyncio and uvloop do for every TCP
+    connection: a reply is sent whole and at once, so holding it back for an ACK only adds
+    latency (and, measured, costs CPU per message). A no-op on transports without TCP.
+    """
+    if ITCPTransport.providedBy(transport):
+        try:
+            transport.setTcpNoDelay(True)
+        except OSError:  # a UNIX socket: tcp.Server underneath, but no TCP options
+            pass
 
 
 def hang_up(

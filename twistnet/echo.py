@@ -17,7 +17,12 @@ from twisted.logger import Logger
 from twisted.python import usage
 from zope.interface import implementer
 
-from twistnet._connections import ConnectionCloser, ManagedFactory, ManagedProtocol
+from twistnet._connections import (
+    ConnectionCloser,
+    ManagedFactory,
+    ManagedProtocol,
+    send_at_once,
+)
 from twistnet._internals import write_now
 from twistnet._processes import refuse_processes
 from twistnet._tap import (
@@ -52,6 +57,7 @@ class Echo(ManagedProtocol):
 
     def connectionAdmitted(self) -> None:
         self.transport.registerProducer(self.transport, True)
+        send_at_once(self.transport)
 
     # An echo stream carries only the client's bytes: no notice of ours may enter it, so a
     # refused, idle or evicted connection is closed without a word (and logged).
