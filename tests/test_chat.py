@@ -996,3 +996,18 @@ def test_full_room_evicts_the_longest_silent_member_who_leaves_at_once_with_a_re
     assert silent_t.disconnecting
     assert b"closing the connection that has waited longest" in sent(silent_t)
     assert talker in room.members and not talker_t.disconnecting
+
+
+def test_a_members_lines_leave_without_nagle_on_tcp():
+    from twisted.internet.interfaces import ITCPTransport
+
+    @implementer(ITCPTransport)
+    class TCPTransport(StringTransport):
+        no_delay = False
+
+        def setTcpNoDelay(self, enabled):
+            self.no_delay = enabled
+
+    factory, _ = make_chat()
+    _, transport = join(factory, TCPTransport())
+    assert transport.no_delay

@@ -20,7 +20,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from twistnet._connections import ManagedFactory, ManagedProtocol, peer_name
+from twistnet._connections import ManagedFactory, ManagedProtocol, peer_name, send_at_once
 from twistnet._internals import PauseCounter, pending_output_probe, write_now
 from twistnet.chat.flow import SendQueue, TokenBucket, Verdict
 from twistnet.chat.lines import LineSplitter
@@ -108,6 +108,7 @@ class ChatProtocol(ManagedProtocol):
     # --- connection life ------------------------------------------------------------------
 
     def connectionAdmitted(self) -> None:
+        send_at_once(self.transport)
         factory = self.factory
         limits: ChatLimits = factory.limits
         self.room = factory.room
