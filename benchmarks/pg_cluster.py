@@ -233,11 +233,12 @@ def posts(url: str, nodes: int, seconds: float, connections: int, workdir: Path)
 
 def claim_latency(url: str, probes: int, workdir: Path) -> dict:
     with psycopg.connect(url, autocommit=True) as db:
-        # The POST phase's jobs (300 s sleeps) would keep the worker busy: they go.
-        db.execute(
-            "UPDATE jobs SET status = 'cancelled', finished = extract(epoch FROM now())"
-            " WHERE status = 'queued'"
-        )
+        # Queued jobs left in a --url database would keep the worker busy: they go.
+        if db.execute("SELECT to_regclass('jobs')").fetchone()[0] is not None:
+            db.execute(
+                "UPDATE jobs SET status = 'cancelled', finished = extract(epoch FROM now())"
+                " WHERE status = 'queued'"
+            )
     api = node(url, "api", workdir)
     worker = node(url, "worker", workdir, "--workers", "4")
     ids = []
@@ -290,14 +291,16 @@ def main(argv: list[str] | None = None) -> None:
             server = private_server(workdir)
             url = server.create_database()
         check_durable(url)
+        # Claim latency first, on a fresh database: measured after the POST phase, the
+        # mass cancel of its 100,000 jobs and the autovacuum that follows share the disk
+        # with the probes' commits (p99 14 ms there, against under 3 ms on a fresh one).
+        claims = claim_latency(url, args.probes, workdir / "logs") if args.probes else None
         results = {
+            "claim_latency": claims,
             "posts": [
                 posts(url, nodes, args.seconds, args.connections, workdir / "logs")
                 for nodes in [int(n) for n in args.nodes.split(",")]
             ],
-            "claim_latency": (
-                claim_latency(url, args.probes, workdir / "logs") if args.probes else None
-            ),
             "cores": os.cpu_count(),
         }
         print(json.dumps(results, indent=2))
