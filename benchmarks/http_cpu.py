@@ -29,6 +29,9 @@ def contenders(
     twistnet = JobServer(state, workdir / "twistnet")
     twistnet.argv += list(extra)
     servers: dict[str, Server] = {"twistnet-http": twistnet}
+    stock = JobServer(state, workdir / "stock", twistd_options=("--reactor", "epoll"))
+    stock.argv += list(extra)
+    servers["twistnet-http (stock reactor)"] = stock
     if baseline is not None:
         before = JobServer(state, workdir / "before", baseline)
         before.argv += ["--max-requests", "20000", *extra]

@@ -73,34 +73,6 @@ def test_server_header_names_no_version():
     assert b"TwistedWeb" not in transport.value()
 
 
-class WriteCounting(StringTransport):
-    """A StringTransport that records each write, to see how a response is cut up."""
-
-    def __init__(self, **kwargs) -> None:
-        super().__init__(**kwargs)
-        self.writes: list[bytes] = []
-
-    def write(self, data: bytes) -> None:
-        self.writes.append(data)
-        super().write(data)
-
-    def writeSequence(self, data) -> None:
-        self.write(b"".join(data))
-
-
-def test_a_response_head_and_body_leave_in_one_write_and_head_alone_for_head():
-    site, _ = make_site()
-    address = IPv4Address("TCP", "127.0.0.1", 40000)
-    proto = site.buildProtocol(address)
-    transport = WriteCounting(peerAddress=address, hostAddress=address)
-    proto.makeConnection(transport)
-    proto.dataReceived(GET + GET.replace(b"GET", b"HEAD"))
-    first, second = transport.writes
-    assert first.startswith(b"HTTP/1.1 200 OK\r\n") and first.endswith(b"\r\n\r\nhello")
-    assert second.startswith(b"HTTP/1.1 200 OK\r\n") and second.endswith(b"\r\n\r\n")
-    assert b"Content-Length: 5\r\n" in second
-
-
 def test_requests_beyond_max_requests_get_a_json_503_and_the_rest_are_served():
     site, _ = make_site()
     held = []

@@ -22,7 +22,7 @@ from twisted.logger import Logger
 from twisted.web import resource, server
 
 from twistnet._connections import NORMAL, ManagedFactory, hang_up, peer_name
-from twistnet._internals import JsonBadRequestChannel, handling_request, write_now
+from twistnet._internals import JsonBadRequestChannel, handling_request
 from twistnet.http._logging import LEVELS, enabled
 from twistnet.http._logging import observer as log_observer
 from twistnet.http.errors import SERVER_NAME, raw_response
@@ -72,20 +72,6 @@ class JobRequest(server.Request):
         self.setHeader(b"server", SERVER_NAME)
         super().render(resrc)
 
-    def write(self, data: bytes) -> None:
-        if self.startedWriting:
-            super().write(data)
-            return
-        # The status line, the headers and the first body bytes leave in one send (see
-        # L{JobChannel.hold}); a whole synchronous answer is usually just that.
-        self.channel.hold()
-        try:
-            super().write(data)
-        except BaseException:
-            self.channel.release(send=False)  # never half a head on the wire
-            raise
-        self.channel.release()
-
 
 class JobChannel(JsonBadRequestChannel):
     """
@@ -102,45 +88,6 @@ class JobChannel(JsonBadRequestChannel):
     #: Why the connection is closed, for the metrics (see L{ManagedProtocol.close_reason}).
     close_reason = NORMAL
     _abort: IDelayedCall | None = None
-    #: What a response is writing while held (see L{hold}); None: written as it comes.
-    _held: list[bytes] | None = None
-
-    def hold(self) -> None:
-        """Gather what is written until L{release}: a response's head and its first bytes."""
-        self._held = []
-
-    def release(self, send: bool = True) -> None:
-        """
-        Send what was held at once, in one piece: twisted.web would queue the head and the
-        body for the reactor's next turn, which costs a write-readiness round trip (two
-        epoll changes and a dispatch) per response; one send also keeps them in one packet.
-        """
-        held, self._held = self._held, None
-        if send and held and self.transport is not None:
-            write_now(self.transport, b"".join(held))
-
-    def writeHeaders(self, version, code, reason, headers) -> None:
-        if self._held is None:
-            super().writeHeaders(version, code, reason, headers)
-            return
-        held = self._held
-        held += (version, b" ", code, b" ", reason, b"\r\n")
-        for name, values in headers.getAllRawHeaders():
-            for value in values:
-                held += (name, b": ", value, b"\r\n")
-        held.append(b"\r\n")
-
-    def write(self, data: bytes) -> None:
-        if self._held is None:
-            super().write(data)
-        else:
-            self._held.append(data)
-
-    def writeSequence(self, iovec) -> None:
-        if self._held is None:
-            super().writeSequence(iovec)
-        else:
-            self._held += iovec
 
     def connectionMade(self) -> None:
         self.site.registry.admit(self)
