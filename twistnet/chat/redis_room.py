@@ -159,15 +159,12 @@ def _tls_connection(settings: RedisSettings, refused: Callable[[str], None]):
             trust = ssl.Certificate.loadPEM(pem.read())
     factory = txredisapi.RedisFactory(
         f"{settings.host}:{settings.port}",
-        settings.db,
-        1,
-        True,
-        txredisapi.ConnectionHandler,
-        "utf-8",
-        settings.password,
-        None,
-        False,
-        settings.username,
+        dbid=settings.db,
+        poolsize=1,
+        isLazy=True,
+        password=settings.password,
+        convertNumbers=False,
+        username=settings.username,
     )
     factory.protocol = _protocol_after_handshake(refused)
     endpoint = HostnameEndpoint(reactor, settings.host, settings.port, timeout=COMMAND_TIMEOUT)
