@@ -19,7 +19,7 @@ from twistnet.http.channel import JobSite
 from twistnet.http.tap import beyond_loopback
 
 
-def parse(*argv, env=None, monkeypatch=None):
+def parse(*argv):
     options = Options()
     options.parseOptions(list(argv))
     return options

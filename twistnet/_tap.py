@@ -81,6 +81,20 @@ def _not_zero(coerce: Callable[[str], int], doc: str) -> Callable[[str], int]:
 positive_int = _not_zero(non_negative_int, "A whole number, 1 or more.")
 
 
+def one_of(choices: Iterable[str]) -> Callable[[str], str]:
+    """A coercer that takes exactly one of C{choices} and names them all when refusing."""
+    choices = tuple(choices)
+    listed = ", ".join(choices)
+
+    def choice(value: str) -> str:
+        if value not in choices:
+            raise ValueError(f"expected one of {listed}, got {value!r}")
+        return value
+
+    choice.coerceDoc = f"{', '.join(choices[:-1])} or {choices[-1]}."  # type: ignore[attr-defined]
+    return choice
+
+
 def non_negative_float(value: str) -> float:
     try:
         number = float(value)

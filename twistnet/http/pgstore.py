@@ -40,12 +40,13 @@ from twistnet.http._logging import observer as log_observer
 from twistnet.http.model import QUEUED, RUNNING, TERMINAL, Job
 from twistnet.http.store import (
     JOB_COLUMNS,
-    MAX_BATCH,
+    STOP,
     IJobStore,
     Operation,
     StoreError,
     StoreUnavailable,
     listing,
+    next_batch,
 )
 
 #: Finished jobs deleted per transaction when pruning: keeps each transaction (and the locks
@@ -90,9 +91,6 @@ def _unavailable(failure: Failure) -> Failure:
 
 _row = pgschema.pg_row
 _job = pgschema.pg_job
-
-
-_STOP = object()
 
 
 class Batched(Operation):
@@ -148,7 +146,7 @@ class Lane:
         if not self._thread.is_alive():
             return defer.succeed(None)
         self._stopped = defer.Deferred()
-        self._queue.put(_STOP)
+        self._queue.put(STOP)
         return self._stopped
 
     def submit(self, function: Callable[[psycopg.Connection], Any]) -> defer.Deferred[Any]:
@@ -186,16 +184,10 @@ class Lane:
 
     def _work(self) -> None:
         while True:
-            batch = [self._queue.get()]
-            while len(batch) < MAX_BATCH:
-                try:
-                    batch.append(self._queue.get_nowait())
-                except queue.Empty:
-                    break
-            operations = [op for op in batch if op is not _STOP]
+            operations, stop = next_batch(self._queue)
             if operations:
                 self._run_batch(operations)
-            if len(operations) < len(batch):
+            if stop:
                 self._close()
                 self._reactor.callFromThread(self._finished_stopping)
                 return

@@ -250,7 +250,23 @@ class Operation:
             self.deferred.errback(self.result)
 
 
-_STOP = object()
+#: Put on a store's queue to end its thread once what is queued before it has run.
+STOP = object()
+
+
+def next_batch(pending: queue.SimpleQueue) -> tuple[list[Operation], bool]:
+    """
+    On a store's thread: wait for the next operation, take whatever else is queued already
+    (up to L{MAX_BATCH}: one transaction's worth), and say whether a stop was among them.
+    """
+    batch = [pending.get()]
+    while len(batch) < MAX_BATCH:
+        try:
+            batch.append(pending.get_nowait())
+        except queue.Empty:
+            break
+    operations = [op for op in batch if op is not STOP]
+    return operations, len(operations) < len(batch)
 
 
 @implementer(IJobStore)
@@ -305,21 +321,14 @@ class SQLiteJobStore(Service):
             self._db.close()
             return defer.succeed(None)
         self._stopped = defer.Deferred()
-        self._queue.put(_STOP)
+        self._queue.put(STOP)
         return self._stopped
 
     # --- the connection thread ----------------------------------------------------------
 
     def _work(self) -> None:
         while True:
-            batch = [self._queue.get()]
-            while len(batch) < MAX_BATCH:
-                try:
-                    batch.append(self._queue.get_nowait())
-                except queue.Empty:
-                    break
-            stop = _STOP in batch
-            operations = [op for op in batch if op is not _STOP]
+            operations, stop = next_batch(self._queue)
             self._run_batch(operations)
             if stop:
                 self._db.close()

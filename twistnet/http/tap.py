@@ -29,6 +29,7 @@ from twistnet._tap import (
     for_twistd,
     listening_services,
     non_negative_float,
+    one_of,
     positive_byte_size,
     positive_int,
 )
@@ -108,13 +109,7 @@ def beyond_loopback(description: str) -> bool:
 ROLES = ("api", "worker", "both")
 
 
-def _role(value: str) -> str:
-    if value not in ROLES:
-        raise ValueError(f"expected one of {', '.join(ROLES)}, got {value!r}")
-    return value
-
-
-_role.coerceDoc = "api, worker or both."  # type: ignore[attr-defined]
+_role = one_of(ROLES)
 
 
 def _lease(value: str) -> float:

@@ -26,6 +26,7 @@ from twistnet._tap import (
     listening_services,
     non_negative_float,
     non_negative_int,
+    one_of,
     udp_options,
     udp_service,
 )
@@ -52,22 +53,8 @@ DEFAULT_FILE = "lines.log"
 DEFAULT_KEEP = 5
 
 
-def log_format(value: str) -> str:
-    if value not in FORMATS:
-        raise ValueError(f"expected one of {', '.join(FORMATS)}, got {value!r}")
-    return value
-
-
-log_format.coerceDoc = "raw or json."  # type: ignore[attr-defined]
-
-
-def framing(value: str) -> str:
-    if value not in FRAMINGS:
-        raise ValueError(f"expected one of {', '.join(FRAMINGS)}, got {value!r}")
-    return value
-
-
-framing.coerceDoc = "auto, lines or octet-counted."  # type: ignore[attr-defined]
+log_format = one_of(FORMATS)
+framing = one_of(FRAMINGS)
 
 
 class Options(ServiceOptions):
